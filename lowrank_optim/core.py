@@ -1,0 +1,64 @@
+"""The one low-rank step, shared by every optimizer of the library.
+
+``lowrank_step`` reads straight through: refresh the subspace if due -> project the gradient ->
+inner rule on the low-rank tensor -> back-project fused with the parameter update (+ scale)
+-> decoupled weight decay.  Parameters without a projector take the same path with identity
+projection, so a group without ``rank`` is plain AdamW / Adafactor with the same formula.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lowrank_optim.projectors.base import Projector
+from lowrank_optim.rules.base import Rule
+
+
+def refresh_due(projector: Projector, state: dict, group: dict, step: int) -> bool:
+    """Whether the subspace must be recomputed before this step.
+
+    True when there is no subspace yet, when a refresh was requested through
+    :meth:`LowRankOptimizer.request_refresh`, or every ``update_proj_gap`` steps counted from the
+    first (GaLore's ``step % T == 0`` on the pre-increment step).  ``update_proj_gap=None``
+    leaves the timing entirely to ``request_refresh`` (e.g. a Trainer callback).
+    """
+    if not projector.has_subspace(state):
+        return True
+    if state.pop("refresh_requested", None) is not None:
+        return True
+    gap = group.get("update_proj_gap")
+    return bool(gap) and step % gap == 0
+
+
+def lowrank_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    group: dict,
+    rule: Rule,
+    projector: Projector | None = None,
+) -> None:
+    """Apply one optimizer step to ``param`` in place (called under ``torch.no_grad``)."""
+    if "step" not in state:
+        state["step"] = torch.tensor(0.0)
+    step = int(state["step"])
+
+    if projector is not None:
+        if refresh_due(projector, state, group, step):
+            projector.refresh(grad, state, group)
+            state["refresh_step"] = torch.tensor(step, dtype=torch.int64)
+        low = projector.project(grad, state, group)
+    else:
+        low = grad
+
+    state["step"] += 1
+    update = rule.update(low, state, group, param)
+
+    if update.decay and update.decay_first:
+        param.mul_(1.0 - update.decay)
+    if projector is not None:
+        projector.apply(param, update.direction, update.alpha * group["scale"], state, group)
+    else:
+        param.add_(update.direction, alpha=update.alpha)
+    if update.decay and not update.decay_first:
+        param.add_(param, alpha=-update.decay)

@@ -1,0 +1,133 @@
+"""Model -> param groups, selecting target modules the way HF's ``optim_target_modules`` does."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from torch import nn
+
+logger = logging.getLogger("lowrank_optim")
+
+TargetModules = str | Sequence[str]
+
+
+def _is_all_linear(target: TargetModules) -> bool:
+    return isinstance(target, str) and target.replace("_", "-").lower() == "all-linear"
+
+
+def _matches(target: TargetModules, name: str) -> bool:
+    """HF semantics: a string is a full-match regex; a list entry matches by exact name,
+    substring or full-match regex."""
+    if isinstance(target, str):
+        return re.fullmatch(target, name) is not None
+    return any(t == name or t in name or re.fullmatch(t, name) is not None for t in target)
+
+
+def _output_head_ids(model: nn.Module) -> set[int]:
+    """Parameters of the output head (``lm_head``), which ``all-linear`` leaves out as in HF."""
+    ids: set[int] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    if isinstance(head, nn.Module):
+        ids.update(id(p) for p in head.parameters())
+    for name, module in model.named_modules():
+        if name.split(".")[-1] == "lm_head":
+            ids.update(id(p) for p in module.parameters())
+    return ids
+
+
+def select_linear_weights(
+    model: nn.Module, target_modules: TargetModules = "all-linear"
+) -> tuple[list[tuple[str, nn.Parameter]], list[str]]:
+    """``(name, weight)`` of every targeted ``nn.Linear`` and the names of matched modules
+    that were ignored because they are not ``nn.Linear``."""
+    if not _is_all_linear(target_modules) and not isinstance(target_modules, (str, list, tuple)):
+        raise ValueError(
+            f"target_modules={target_modules!r}: pass 'all-linear', a regex string, or a list "
+            "of module-name substrings such as ['attn', 'mlp']."
+        )
+    all_linear = _is_all_linear(target_modules)
+    head = _output_head_ids(model) if all_linear else set()
+    selected, ignored, seen = [], [], set()
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        hit = all_linear or _matches(target_modules, name)
+        if not isinstance(module, nn.Linear):
+            if hit and not all_linear and not any(
+                isinstance(m, nn.Linear) for m in module.children()
+            ):
+                ignored.append(name)
+            continue
+        w = module.weight
+        if hit and w.requires_grad and id(w) not in head and id(w) not in seen:
+            selected.append((f"{name}.weight", w))
+            seen.add(id(w))
+    return selected, ignored
+
+
+def param_groups(
+    model: nn.Module,
+    target_modules: TargetModules = "all-linear",
+    *,
+    rank: int = 128,
+    update_proj_gap: int | None = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    **group_kwargs: Any,
+) -> list[dict[str, Any]]:
+    """Split ``model``'s trainable parameters into a projected group and a plain group.
+
+    Parameters
+    ----------
+    model
+        Any ``nn.Module``; only ``nn.Linear`` weights are projected.
+    target_modules
+        ``"all-linear"`` (every ``nn.Linear`` except the output head), a regex matched against
+        full module names, or a list of names / substrings / regexes, as HF's
+        ``TrainingArguments.optim_target_modules``.
+    rank, update_proj_gap, scale, proj_type
+        Projection settings of the projected group (paper defaults for LLaMA pretraining:
+        scale 0.25, gap 200).
+    **group_kwargs
+        Extra keys for the projected group only (e.g. a different ``lr``).
+
+    Returns
+    -------
+    list of dict
+        Param groups with ``param_names`` (used in error messages and logs).  One summary line
+        is logged to the ``lowrank_optim`` logger instead of a warning per module.
+    """
+    selected, ignored = select_linear_weights(model, target_modules)
+    if not selected:
+        linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
+        raise ValueError(
+            f"target_modules={target_modules!r} matched no nn.Linear weight. Linear modules in "
+            f"this model are named like {linear}; pass substrings of those names or 'all-linear'."
+        )
+    chosen = {id(p) for _, p in selected}
+    rest: list[tuple[str, nn.Parameter]] = []
+    seen = set(chosen)
+    for name, p in model.named_parameters():
+        if p.requires_grad and id(p) not in seen:
+            rest.append((name, p))
+            seen.add(id(p))
+    groups = [{
+        "params": [p for _, p in selected],
+        "param_names": [n for n, _ in selected],
+        "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type,
+        **group_kwargs,
+    }]
+    if rest:
+        groups.append({"params": [p for _, p in rest], "param_names": [n for n, _ in rest]})
+    n_low = sum(p.numel() for _, p in selected)
+    n_rest = sum(p.numel() for _, p in rest)
+    summary = (f"lowrank_optim: rank-{rank} projection for {len(selected)} Linear weights "
+               f"({n_low:,} params); {len(rest)} other tensors ({n_rest:,} params) unprojected")
+    if ignored:
+        summary += f"; ignored {len(ignored)} matched non-Linear modules (e.g. {ignored[0]})"
+    logger.info(summary)
+    return groups

@@ -1,0 +1,90 @@
+"""Optimizer-state memory accounting, shared by callbacks, the profiler and benchmarks.
+
+Bytes are counted per distinct storage actually held (a view into a larger tensor counts the
+whole storage it keeps alive), so figures are what the optimizer really pins in memory.
+State keys follow the library's convention: ``exp_*`` are moments, ``proj_*`` the projector
+(integer ``proj_*`` tensors are indices), anything else is "other".  Foreign optimizers
+(galore-torch keeps a projector *object* in state) are walked too, so comparisons are fair.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+
+import torch
+
+CATEGORIES = ("moments", "projectors", "indices", "other")
+
+
+@dataclass(frozen=True)
+class StateBytes:
+    """Optimizer-state bytes by category and per optimized parameter element."""
+
+    moments: int = 0
+    projectors: int = 0
+    indices: int = 0
+    other: int = 0
+    num_params: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.moments + self.projectors + self.indices + self.other
+
+    @property
+    def bytes_per_param(self) -> float:
+        return self.total / self.num_params if self.num_params else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {**asdict(self), "total": self.total, "bytes_per_param": self.bytes_per_param}
+
+
+def category(key: str, value: torch.Tensor) -> str:
+    """Category of one state entry, by the library's key convention."""
+    if key.startswith("exp_") or key in ("momentum_buffer", "max_exp_avg_sq"):
+        return "moments"
+    if key.startswith("proj"):
+        return "projectors" if value.is_floating_point() else "indices"
+    return "other"
+
+
+def _tensors(value: object, depth: int = 0) -> Iterable[torch.Tensor]:
+    """Tensors reachable from a state value (tensors, lists, projector objects)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif depth < 3 and isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _tensors(v, depth + 1)
+    elif depth < 3 and isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors(v, depth + 1)
+    elif depth < 3 and hasattr(value, "__dict__") and not isinstance(value, type):
+        for v in vars(value).values():
+            yield from _tensors(v, depth + 1)
+
+
+def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def state_bytes(optimizer: torch.optim.Optimizer) -> StateBytes:
+    """Bytes of ``optimizer``'s state by category (moments / projectors / indices / other)."""
+    counts = dict.fromkeys(CATEGORIES, 0)
+    seen: set[tuple[str, int]] = set()
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            for t in _tensors(value):
+                k = _storage_key(t)
+                if k in seen or t.device.type == "meta":
+                    continue
+                seen.add(k)
+                cat = category(key, t) if isinstance(value, torch.Tensor) else (
+                    "projectors" if key.startswith("proj") else category(key, t))
+                counts[cat] += t.untyped_storage().nbytes()
+    num_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    return StateBytes(**counts, num_params=num_params)
+
+
+def adamw_state_bytes(params: Iterable[torch.Tensor]) -> int:
+    """What ``torch.optim.AdamW`` would hold for ``params``: two moments + a step each."""
+    return sum(2 * p.numel() * p.element_size() + 4 for p in params)

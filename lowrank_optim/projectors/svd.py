@@ -1,0 +1,70 @@
+"""GaLore's projector: the top singular vectors of the gradient (exact SVD in fp32)."""
+
+from __future__ import annotations
+
+import torch
+
+from lowrank_optim import kernels
+from lowrank_optim.projectors.base import Projector
+from lowrank_optim.validation import PROJ_TYPES, check_choice, check_rank
+
+
+def galore_sides(shape: torch.Size | tuple[int, int], proj_type: str) -> tuple[str, ...]:
+    """Which side(s) GaLore projects for a weight of ``shape`` (moments are r x max(m, n))."""
+    m, n = shape
+    if proj_type == "std":
+        return ("right",) if m >= n else ("left",)
+    if proj_type == "reverse_std":
+        return ("left",) if m >= n else ("right",)
+    if proj_type == "full":
+        return ("left", "right")
+    return (proj_type,)
+
+
+class SVDProjector(Projector):
+    """Top-``rank`` singular vectors of the gradient at refresh time.
+
+    Group keys: ``rank``, ``proj_type`` (``std``, ``reverse_std``, ``left``, ``right``,
+    ``full``).  The SVD runs in fp32 whatever the gradient dtype and the basis is stored in the
+    gradient's dtype, as in galore-torch.  The basis is stored as its own compact tensor (not a
+    view into the SVD output), so the optimizer holds exactly ``r * min(m, n)`` elements.
+    """
+
+    name = "svd"
+
+    def validate(self, param: torch.Tensor, group: dict, label: str) -> None:
+        check_choice("proj_type", group.get("proj_type", "std"), PROJ_TYPES)
+        check_rank(group["rank"], param, label, group.get("proj_type", "std"))
+
+    def has_subspace(self, state: dict) -> bool:
+        return "proj_left" in state or "proj_right" in state
+
+    def refresh(self, grad: torch.Tensor, state: dict, group: dict) -> None:
+        rank = group["rank"]
+        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
+        for side in galore_sides(grad.shape, group["proj_type"]):
+            basis = u[:, :rank] if side == "left" else vh[:rank]
+            state[f"proj_{side}"] = basis.to(dtype=grad.dtype, copy=True).contiguous()
+
+    def project(self, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        low = grad
+        for side in ("left", "right"):
+            if f"proj_{side}" in state:
+                low = kernels.project(low, state[f"proj_{side}"], side)
+        return low
+
+    def project_back(self, low: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        for side in ("left", "right"):
+            if f"proj_{side}" in state:
+                low = kernels.project_back(low, state[f"proj_{side}"], side)
+        return low
+
+    def apply(
+        self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict, group: dict
+    ) -> None:
+        if "proj_left" in state and "proj_right" in state:  # proj_type="full"
+            low = kernels.project_back(low, state["proj_left"], "left")
+            kernels.project_back_update(param, low, state["proj_right"], "right", alpha)
+            return
+        side = "left" if "proj_left" in state else "right"
+        kernels.project_back_update(param, low, state[f"proj_{side}"], side, alpha)

@@ -1,0 +1,103 @@
+"""Hyper-parameter and input validators shared by every optimizer.
+
+Each check raises ``ValueError`` (bad setting) or ``RuntimeError`` (bad tensor at step time)
+with a message that names the offending parameter and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
+
+
+def check_lr(lr: float | None, *, allow_none: bool = False) -> None:
+    if lr is None and allow_none:
+        return
+    if lr is None or isinstance(lr, torch.Tensor) and lr.numel() != 1:
+        raise ValueError(f"Invalid learning rate lr={lr!r}: pass a non-negative float.")
+    if not math.isfinite(float(lr)) or float(lr) < 0.0:
+        raise ValueError(f"Invalid learning rate lr={lr!r}: must be a finite number >= 0.")
+
+
+def check_betas(betas: Sequence[float], n: int = 2) -> None:
+    if len(betas) != n:
+        raise ValueError(f"Invalid betas={tuple(betas)!r}: expected {n} values, e.g. (0.9, 0.999).")
+    for i, beta in enumerate(betas):
+        if not 0.0 <= float(beta) < 1.0:
+            raise ValueError(f"Invalid beta at index {i}: betas[{i}]={beta!r}; each beta must be in [0, 1).")
+
+
+def check_beta(name: str, beta: float | None, *, allow_none: bool = True) -> None:
+    if beta is None and allow_none:
+        return
+    if beta is None or not 0.0 <= float(beta) < 1.0:
+        raise ValueError(f"Invalid {name}={beta!r}: must be in [0, 1)" + (" or None." if allow_none else "."))
+
+
+def check_nonneg(name: str, value: float) -> None:
+    if value is None or not math.isfinite(float(value)) or float(value) < 0.0:
+        raise ValueError(f"Invalid {name}={value!r}: must be a finite number >= 0.")
+
+
+def check_positive(name: str, value: float) -> None:
+    if value is None or not math.isfinite(float(value)) or float(value) <= 0.0:
+        raise ValueError(f"Invalid {name}={value!r}: must be a finite number > 0.")
+
+
+def check_int_at_least(name: str, value: int, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"Invalid {name}={value!r}: must be an integer >= {low}.")
+
+
+def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
+    if value not in choices:
+        raise ValueError(f"Invalid {name}={value!r}: choose one of {', '.join(map(repr, choices))}.")
+
+
+def param_label(group: dict, index: int, param: torch.Tensor) -> str:
+    """Human-readable name of ``group['params'][index]`` for error messages."""
+    names = group.get("param_names")
+    name = names[index] if names and index < len(names) else f"param {index} of its group"
+    return f"{name} (shape {tuple(param.shape)}, {str(param.dtype).replace('torch.', '')})"
+
+
+def check_param(param: torch.Tensor, label: str) -> None:
+    """Reject parameters no optimizer here can update."""
+    if param.is_complex():
+        raise ValueError(
+            f"{label}: complex parameters are not supported; use torch.view_as_real on the "
+            "parameter or keep it in a torch.optim optimizer."
+        )
+    if not param.is_floating_point():
+        raise ValueError(f"{label}: only floating-point parameters can be optimized.")
+
+
+def check_rank(rank: int, param: torch.Tensor, label: str, proj_type: str = "std") -> None:
+    """A projected parameter must be 2-D and the rank must fit the matrix."""
+    check_int_at_least("rank", rank, 1)
+    if param.dim() != 2:
+        raise ValueError(
+            f"{label}: low-rank projection needs a 2-D weight but got {param.dim()}-D. Move it to "
+            "a param group without 'rank' (lowrank_optim.param_groups does this for you)."
+        )
+    limit = min(param.shape)
+    if rank > limit:
+        raise ValueError(
+            f"{label}: rank={rank} exceeds min(m, n)={limit}. Use rank <= {limit}, or leave this "
+            "weight out of the projected group (it is small enough for plain AdamW)."
+        )
+
+
+def check_grad(grad: torch.Tensor, label: str) -> None:
+    """Gradients we cannot use correctly raise instead of corrupting state."""
+    if grad.is_sparse:
+        raise RuntimeError(
+            f"{label}: sparse gradients are not supported; use torch.optim.SparseAdam for "
+            "sparse embeddings or set sparse=False on the module."
+        )
+    if grad.is_complex():
+        raise RuntimeError(f"{label}: complex gradients are not supported.")
