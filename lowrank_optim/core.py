@@ -43,13 +43,13 @@ def lowrank_step(
         state["step"] = torch.tensor(0.0)
     step = int(state["step"])
 
+    low = grad
     if projector is not None:
+        fresh = None
         if refresh_due(projector, state, group, step):
-            projector.refresh(grad, state, group)
+            fresh = projector.refresh(grad, state, group)
             state["refresh_step"] = torch.tensor(step, dtype=torch.int64)
-        low = projector.project(grad, state, group)
-    else:
-        low = grad
+        low = projector.project(grad, state, group) if fresh is None else fresh
 
     state["step"] += 1
     update = rule.update(low, state, group, param)

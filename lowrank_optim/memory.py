@@ -81,6 +81,12 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> StateBytes:
                 cat = category(key, t) if isinstance(value, torch.Tensor) else (
                     "projectors" if key.startswith("proj") else category(key, t))
                 counts[cat] += t.untyped_storage().nbytes()
+    shared = getattr(getattr(optimizer, "projector", None), "shared_buffers", None)
+    for t in shared() if callable(shared) else []:
+        k = _storage_key(t)
+        if k not in seen:
+            seen.add(k)
+            counts["projectors"] += t.untyped_storage().nbytes()
     num_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     return StateBytes(**counts, num_params=num_params)
 

@@ -25,8 +25,12 @@ class Projector(ABC):
         """Whether ``state`` already holds a subspace (false before the first refresh)."""
 
     @abstractmethod
-    def refresh(self, grad: torch.Tensor, state: dict, group: dict) -> None:
-        """Compute a new subspace from ``grad`` and store it in ``state``."""
+    def refresh(self, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+        """Compute a new subspace from ``grad`` and store it in ``state``.
+
+        May return the low-rank gradient when it falls out of the refresh for free (the DCT
+        scores contain it); ``None`` makes the core call :meth:`project`.
+        """
 
     @abstractmethod
     def project(self, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
@@ -44,3 +48,8 @@ class Projector(ABC):
 
     def validate(self, param: torch.Tensor, group: dict, label: str) -> None:  # noqa: B027
         """Raise ``ValueError`` if ``group``'s settings cannot project ``param``."""
+
+    def shared_buffers(self) -> list[torch.Tensor]:
+        """Tensors shared by all parameters (e.g. one DCT basis per size); counted once by
+        :func:`lowrank_optim.memory.state_bytes` as projector bytes."""
+        return []
