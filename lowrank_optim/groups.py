@@ -57,9 +57,8 @@ def select_linear_weights(
             continue
         hit = all_linear or _matches(target_modules, name)
         if not isinstance(module, nn.Linear):
-            if hit and not all_linear and not any(
-                isinstance(m, nn.Linear) for m in module.children()
-            ):
+            owns_params = any(True for _ in module.parameters(recurse=False))
+            if hit and not all_linear and owns_params:
                 ignored.append(name)
             continue
         w = module.weight
@@ -95,6 +94,9 @@ def param_groups(
     **group_kwargs
         Extra keys for the projected group only (e.g. a different ``lr``).
 
+    Linear weights whose smaller side is below ``rank`` cannot be projected at that rank; they
+    go to the plain group (and the summary line says so) instead of failing the whole model.
+
     Returns
     -------
     list of dict
@@ -102,6 +104,13 @@ def param_groups(
         is logged to the ``lowrank_optim`` logger instead of a warning per module.
     """
     selected, ignored = select_linear_weights(model, target_modules)
+    too_small = [(n, p) for n, p in selected if min(p.shape) < rank]
+    selected = [(n, p) for n, p in selected if min(p.shape) >= rank]
+    if not selected and too_small:
+        raise ValueError(
+            f"rank={rank} exceeds min(m, n) of every targeted weight (largest min dimension "
+            f"{max(min(p.shape) for _, p in too_small)}); choose a smaller rank."
+        )
     if not selected:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
         raise ValueError(
@@ -127,6 +136,9 @@ def param_groups(
     n_rest = sum(p.numel() for _, p in rest)
     summary = (f"lowrank_optim: rank-{rank} projection for {len(selected)} Linear weights "
                f"({n_low:,} params); {len(rest)} other tensors ({n_rest:,} params) unprojected")
+    if too_small:
+        summary += (f"; {len(too_small)} Linear weights with min(m, n) < rank={rank} "
+                    f"unprojected (e.g. {too_small[0][0]})")
     if ignored:
         summary += f"; ignored {len(ignored)} matched non-Linear modules (e.g. {ignored[0]})"
     logger.info(summary)

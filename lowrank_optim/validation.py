@@ -25,17 +25,20 @@ def check_lr(lr: float | None, *, allow_none: bool = False) -> None:
 
 def check_betas(betas: Sequence[float], n: int = 2) -> None:
     if len(betas) != n:
-        raise ValueError(f"Invalid betas={tuple(betas)!r}: expected {n} values, e.g. (0.9, 0.999).")
+        raise ValueError(f"Invalid betas={tuple(betas)!r}: expected {n} values, "
+                         "e.g. (0.9, 0.999).")
     for i, beta in enumerate(betas):
         if not 0.0 <= float(beta) < 1.0:
-            raise ValueError(f"Invalid beta at index {i}: betas[{i}]={beta!r}; each beta must be in [0, 1).")
+            raise ValueError(f"Invalid beta at index {i}: betas[{i}]={beta!r}; each beta "
+                             "must be in [0, 1).")
 
 
 def check_beta(name: str, beta: float | None, *, allow_none: bool = True) -> None:
     if beta is None and allow_none:
         return
     if beta is None or not 0.0 <= float(beta) < 1.0:
-        raise ValueError(f"Invalid {name}={beta!r}: must be in [0, 1)" + (" or None." if allow_none else "."))
+        tail = " or None." if allow_none else "."
+        raise ValueError(f"Invalid {name}={beta!r}: must be in [0, 1){tail}")
 
 
 def check_nonneg(name: str, value: float) -> None:
@@ -55,7 +58,8 @@ def check_int_at_least(name: str, value: int, low: int) -> None:
 
 def check_choice(name: str, value: str, choices: Sequence[str]) -> None:
     if value not in choices:
-        raise ValueError(f"Invalid {name}={value!r}: choose one of {', '.join(map(repr, choices))}.")
+        options = ", ".join(map(repr, choices))
+        raise ValueError(f"Invalid {name}={value!r}: choose one of {options}.")
 
 
 def param_label(group: dict, index: int, param: torch.Tensor) -> str:

@@ -21,7 +21,7 @@ def _groups(model, **kw):
 @torch.no_grad()
 def _rel_diff(a: torch.nn.Module, b: torch.nn.Module) -> float:
     worst = 0.0
-    for (name, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
         d = (p - q).abs().max() / q.abs().max().clamp_min(1e-12)
         worst = max(worst, float(d))
     return worst

@@ -94,6 +94,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         ]
         if not grads:
             return True
+        for group, i, p in grads:
+            check_grad(p.grad, param_label(group, i, p))
         flags = torch.stack([p.grad.isfinite().all().to("cpu", non_blocking=True)
                              for _, _, p in grads])
         if bool(flags.all()):
@@ -150,11 +152,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return out
 
     # -- state_dict -----------------------------------------------------------------------
-    @staticmethod
-    def _process_value_according_to_param_policy(
-        param: torch.Tensor, value: torch.Tensor, param_id: int, param_groups: list, key=None
-    ) -> torch.Tensor:
-        # torch casts every floating state tensor to the parameter dtype on load; our state
-        # keeps its own dtypes (integer indices, fp32 statistics for bf16 weights), so only
-        # the device follows the parameter and resume is bit-for-bit.
-        return value.to(device=param.device)
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load state as saved: only the device follows the parameter.
+
+        ``torch.optim.Optimizer`` casts every floating state tensor to its parameter's dtype
+        (and integer indices would become floats); our state keeps its own dtypes, so after
+        the regular load each tensor is put back with its saved dtype and resume is bit-exact.
+        """
+        super().load_state_dict(state_dict)
+        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if isinstance(value, torch.Tensor):
+                    self.state[param][key] = value.to(device=param.device)

@@ -1,4 +1,4 @@
-"""GaLore optimizers: drop-in replacements for ``galore_torch.GaLoreAdamW`` / ``GaLoreAdafactor``."""
+"""GaLore optimizers: drop-ins for ``galore_torch.GaLoreAdamW`` and ``GaLoreAdafactor``."""
 
 from __future__ import annotations
 

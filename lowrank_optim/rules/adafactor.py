@@ -30,8 +30,8 @@ class Adafactor(Rule):
         lr = group["lr"]
         check_lr(lr, allow_none=True)
         if lr is not None and group["relative_step"]:
-            raise ValueError("Cannot combine a manual lr with relative_step=True: pass lr=None "
-                             "for Adafactor's relative step, or relative_step=False.")
+            raise ValueError("Cannot combine a manual lr with relative_step=True: pass "
+                             "lr=None for Adafactor's relative step, or relative_step=False.")
         if lr is None and not group["relative_step"]:
             raise ValueError("lr=None needs relative_step=True; pass an lr or set relative_step.")
         if group["warmup_init"] and not group["relative_step"]:
@@ -43,7 +43,8 @@ class Adafactor(Rule):
         check_nonneg("eps[1]", eps[1])
         check_positive("clip_threshold", group["clip_threshold"])
         if not group["decay_rate"] < 0.0:
-            raise ValueError(f"Invalid decay_rate={group['decay_rate']!r}: must be < 0 (e.g. -0.8).")
+            raise ValueError(f"Invalid decay_rate={group['decay_rate']!r}: must be < 0 "
+                             "(e.g. -0.8).")
         check_beta("beta1", group["beta1"])
         check_nonneg("weight_decay", group["weight_decay"])
 
@@ -90,4 +91,5 @@ class Adafactor(Rule):
             exp_avg = state["exp_avg"]
             exp_avg.mul_(group["beta1"]).add_(update, alpha=1.0 - group["beta1"])
             update = exp_avg
-        return Update(update.to(low.dtype), -1.0, decay=lr * group["weight_decay"], decay_first=True)
+        decay = lr * group["weight_decay"]
+        return Update(update.to(low.dtype), -1.0, decay=decay, decay_first=True)

@@ -1,0 +1,123 @@
+"""Param-group builder (HF optim_target_modules semantics), registry and memory accounting."""
+
+import pytest
+import torch
+from conftest import lm_loss, tiny_llama, token_batches
+
+import lowrank_optim as lo
+from lowrank_optim.memory import adamw_state_bytes, state_bytes
+
+galore_torch = pytest.importorskip("galore_torch")
+
+
+def _names(groups):
+    return groups[0]["param_names"]
+
+
+def test_all_linear_targets_every_linear_but_lm_head():
+    model = tiny_llama()
+    names = _names(lo.param_groups(model, "all-linear", rank=4))
+    assert len(names) == 2 * 7  # q k v o gate up down per layer
+    assert not any("lm_head" in n or "embed" in n or "norm" in n for n in names)
+
+
+@pytest.mark.parametrize(
+    ("target", "expected"),
+    [
+        (["attn"], 8),  # substring
+        (["q_proj", "v_proj"], 4),
+        (r".*mlp\.(gate|up)_proj", 4),  # regex string, full match
+        ([r".*layers\.1\.mlp\..*"], 3),  # regex in a list
+        ("model.layers.0.self_attn.q_proj", 1),  # exact name
+    ],
+)
+def test_target_module_forms(target, expected):
+    assert len(_names(lo.param_groups(tiny_llama(), target, rank=4))) == expected
+
+
+def test_every_trainable_param_lands_in_exactly_one_group():
+    model = tiny_llama()
+    groups = lo.param_groups(model, ["mlp"], rank=4)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == len(list(model.parameters()))
+
+
+def test_one_summary_line_instead_of_warning_flood(caplog):
+    with caplog.at_level("INFO", logger="lowrank_optim"):
+        lo.param_groups(tiny_llama(), ["mlp", "input_layernorm"], rank=4)
+    records = [r for r in caplog.records if r.name == "lowrank_optim"]
+    assert len(records) == 1
+    assert "6 Linear weights" in records[0].message
+    assert "ignored 2 matched non-Linear modules" in records[0].message
+
+
+def test_create_optimizer_builds_projected_groups():
+    model = tiny_llama()
+    opt = lo.create_optimizer(model, "galore_adamw", lr=1e-2, rank=8, scale=0.25)
+    assert isinstance(opt, lo.GaLoreAdamW)
+    assert opt.param_groups[0]["rank"] == 8 and opt.param_groups[0]["scale"] == 0.25
+    assert opt.param_groups[1]["rank"] is None
+    assert isinstance(lo.create_optimizer(model, "adamw", lr=1e-3), torch.optim.AdamW)
+    assert {"galore_adamw", "galore_adafactor", "adamw"} <= set(lo.available())
+
+
+def _train(opt, model, steps=3):
+    for ids in token_batches(steps):
+        opt.zero_grad()
+        lm_loss(model, ids).backward()
+        opt.step()
+
+
+def test_state_bytes_match_the_analytic_count():
+    model = tiny_llama()
+    r = 8
+    groups = lo.param_groups(model, rank=r, update_proj_gap=2)
+    opt = lo.GaLoreAdamW(groups)
+    _train(opt, model)
+    expected = {"moments": 0, "projectors": 0, "other": 0}
+    for p in groups[0]["params"]:
+        m, n = p.shape
+        expected["moments"] += 2 * r * max(m, n) * 4
+        expected["projectors"] += r * min(m, n) * 4
+        expected["other"] += 4 + 8  # step (fp32) + refresh_step (int64)
+    for p in groups[1]["params"]:
+        expected["moments"] += 2 * p.numel() * 4
+        expected["other"] += 4
+    got = state_bytes(opt)
+    assert (got.moments, got.projectors, got.other, got.indices) == (
+        expected["moments"], expected["projectors"], expected["other"], 0)
+    assert got.num_params == sum(p.numel() for p in model.parameters())
+    assert got.total < adamw_state_bytes(model.parameters())
+    assert got.bytes_per_param == pytest.approx(got.total / got.num_params)
+
+
+def test_state_bytes_not_above_galore_torch_at_equal_rank():
+    """galore-torch keeps a view of the whole SVD factor alive; we keep only the r vectors."""
+    kw = dict(rank=8, update_proj_gap=2, scale=0.25)
+    a, b = tiny_llama(), tiny_llama()
+    ours = lo.GaLoreAdamW(lo.param_groups(a, **kw))
+    ref = galore_torch.GaLoreAdamW(lo.param_groups(b, **kw))
+    _train(ours, a)
+    _train(ref, b)
+    mine, theirs = state_bytes(ours), state_bytes(ref)
+    assert mine.moments == theirs.moments
+    assert mine.projectors < theirs.projectors
+    assert mine.total < theirs.total
+
+
+def test_bf16_params_train_with_fp32_svd():
+    model = tiny_llama().to(torch.bfloat16)
+    opt = lo.GaLoreAdamW(lo.param_groups(model, rank=8, update_proj_gap=5), lr=3e-3)
+    losses = []
+    for ids in token_batches(40, seed=5):
+        opt.zero_grad()
+        loss = lm_loss(model, ids)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(map(lambda x: x == x, losses))
+    assert sum(losses[-5:]) / 5 < losses[0] - 0.3
+    state = next(s for s in opt.state.values() if "proj_right" in s or "proj_left" in s)
+    basis = state.get("proj_right", state.get("proj_left"))
+    assert basis.dtype == torch.bfloat16
+    assert state["exp_avg"].dtype == torch.bfloat16
