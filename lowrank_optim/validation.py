@@ -7,7 +7,7 @@ with a message that names the offending parameter and says how to fix it.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -96,8 +96,14 @@ def check_rank(rank: int, param: torch.Tensor, label: str, proj_type: str = "std
         )
 
 
-def check_grad(grad: torch.Tensor, label: str) -> None:
-    """Gradients we cannot use correctly raise instead of corrupting state."""
+def check_grad(grad: torch.Tensor, label: str | Callable[[], str]) -> None:
+    """Gradients we cannot use correctly raise instead of corrupting state.
+
+    ``label`` may be a callable so the hot path does not format a string per step.
+    """
+    if not (grad.is_sparse or grad.is_complex()):
+        return
+    label = label() if callable(label) else label
     if grad.is_sparse:
         raise RuntimeError(
             f"{label}: sparse gradients are not supported; use torch.optim.SparseAdam for "

@@ -96,11 +96,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
             return True
         for group, i, p in grads:
             check_grad(p.grad, param_label(group, i, p))
-        flags = torch.stack([p.grad.isfinite().all().to("cpu", non_blocking=True)
-                             for _, _, p in grads])
-        if bool(flags.all()):
+        # A sum is non-finite iff some element is NaN/Inf (barring fp32 overflow of the sum,
+        # i.e. gradients near 1e38 / numel, which are broken anyway); it reads each gradient
+        # once and writes nothing, about 3x cheaper than isfinite().all().
+        # One host sync per device, not per parameter.
+        sums = [p.grad.sum(dtype=torch.float32) for _, _, p in grads]
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for s in sums:
+            by_device.setdefault(s.device, []).append(s)
+        if all(bool(torch.stack(v).isfinite().all()) for v in by_device.values()):
             return True
-        group, i, p = grads[int((~flags).nonzero()[0])]
+        group, i, p = next(g for g, s in zip(grads, sums, strict=True) if not s.isfinite())
         message = (f"non-finite (NaN/Inf) gradient in {param_label(group, i, p)}; no parameter "
                    "or optimizer state was changed.")
         if self.nonfinite == "raise":
@@ -128,7 +134,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def step_param(self, param: torch.Tensor, group: dict, index: int = 0) -> None:
         """Step one parameter (used by :meth:`step` and by layer-wise updates)."""
         grad = param.grad
-        check_grad(grad, param_label(group, index, param))
+        check_grad(grad, lambda: param_label(group, index, param))
         projector = self.projector if self._projects(group, param) else None
         lowrank_step(param, grad, self.state[param], group, self.rule, projector)
 
