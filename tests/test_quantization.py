@@ -1,0 +1,64 @@
+"""Block-wise 8-bit quantisation: documented error bounds, exact sizes, edge cases."""
+
+import pytest
+import torch
+
+from lowrank_optim import quantization as q
+
+BLOCK = 64
+
+
+def _data(kind: str, signed: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(300, 37, generator=g)
+    if kind == "heavy_tailed":  # Student-t with 1.5 dof: a few huge entries per block
+        x = torch.distributions.StudentT(1.5).sample((300, 37))
+    if kind == "adam_v":  # squared gradients spanning many decades
+        x = (torch.randn(300, 37, generator=g) * torch.logspace(-4, 0, 37)) ** 2
+    return x if signed else x.abs()
+
+
+@pytest.mark.parametrize("code", q.CODES)
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("kind", ["gaussian", "heavy_tailed", "adam_v"])
+def test_roundtrip_error_within_documented_bound(code, signed, kind):
+    x = _data(kind, signed)
+    codes, absmax = q.quantize(x, BLOCK, code, signed)
+    assert codes.dtype == torch.uint8 and codes.shape == x.shape
+    y = q.dequantize(codes, absmax, BLOCK, code, signed)
+    per_elem = absmax.repeat_interleave(BLOCK)[: x.numel()].view(x.shape)
+    bound = q.error_bound(x, per_elem, code, signed)
+    assert torch.all((x - y).abs() <= bound)
+    if code == "linear":
+        step = 1 / 127 if signed else 1 / 255
+        assert torch.all((x - y).abs() <= per_elem * step / 2 * 1.0001)
+    # the block maximum is always exact
+    assert torch.allclose(y.abs().reshape(-1)[: x.numel()].max(), x.abs().max())
+
+
+def test_dynamic_code_keeps_small_values_that_linear_flushes_to_zero():
+    x = torch.tensor([1.0] + [1e-3] * 63)
+    for code, expect_zero in (("linear", True), ("dynamic", False)):
+        y = q.dequantize(*q.quantize(x, BLOCK, code), BLOCK, code)
+        assert (y[1:] == 0).all() == expect_zero
+    y = q.dequantize(*q.quantize(x, BLOCK, "dynamic"), BLOCK, "dynamic")
+    assert torch.allclose(y[1:], x[1:], rtol=0.1)
+
+
+def test_zero_block_and_padding():
+    x = torch.zeros(100)
+    x[70:] = torch.linspace(-2, 2, 30)
+    y = q.dequantize(*q.quantize(x, BLOCK), BLOCK)
+    assert torch.equal(y[:64], torch.zeros(64))
+    assert torch.allclose(y, x, atol=2 * 0.9 / 64)
+
+
+def test_nbytes_is_codes_plus_scales():
+    codes, absmax = q.quantize(torch.randn(1000), 256)
+    real = codes.numel() * codes.element_size() + absmax.numel() * absmax.element_size()
+    assert q.nbytes(1000, 256) == real == 1000 + 4 * 4
+
+
+def test_bad_code_name():
+    with pytest.raises(ValueError, match="code='fp8'"):
+        q.quantize(torch.randn(4), 4, "fp8")
