@@ -64,7 +64,17 @@ def _tensors(value: object, depth: int = 0) -> Iterable[torch.Tensor]:
 
 
 def _storage_key(t: torch.Tensor) -> tuple[str, int]:
+    if t.device.type == "meta":  # meta tensors have no storage: each counts on its own
+        return ("meta", id(t))
     return (str(t.device), t.untyped_storage().data_ptr())
+
+
+def _held_bytes(t: torch.Tensor) -> int:
+    """Bytes ``t`` keeps alive: its whole storage (meta tensors: their own elements, which is
+    what the same code allocates on a real device, so analytic runs on ``meta`` are exact)."""
+    if t.device.type == "meta":
+        return t.numel() * t.element_size()
+    return t.untyped_storage().nbytes()
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> StateBytes:
@@ -75,18 +85,18 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> StateBytes:
         for key, value in state.items():
             for t in _tensors(value):
                 k = _storage_key(t)
-                if k in seen or t.device.type == "meta":
+                if k in seen:
                     continue
                 seen.add(k)
                 cat = category(key, t) if isinstance(value, torch.Tensor) else (
                     "projectors" if key.startswith("proj") else category(key, t))
-                counts[cat] += t.untyped_storage().nbytes()
+                counts[cat] += _held_bytes(t)
     shared = getattr(getattr(optimizer, "projector", None), "shared_buffers", None)
     for t in shared() if callable(shared) else []:
         k = _storage_key(t)
         if k not in seen:
             seen.add(k)
-            counts["projectors"] += t.untyped_storage().nbytes()
+            counts["projectors"] += _held_bytes(t)
     num_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
     return StateBytes(**counts, num_params=num_params)
 

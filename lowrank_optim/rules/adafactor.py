@@ -55,7 +55,9 @@ class Adafactor(Rule):
             min_step = 1e-6 * step if group["warmup_init"] else 1e-2
             lr = min(min_step, 1.0 / math.sqrt(step))
         if group["scale_parameter"]:
-            lr = max(group["eps"][1], float(param_rms)) * lr
+            # meta tensors (analytic memory profiling) have no value: any scale will do
+            rms = 1.0 if param_rms.device.type == "meta" else float(param_rms)
+            lr = max(group["eps"][1], rms) * lr
         return lr
 
     def update(self, low: torch.Tensor, state: dict, group: dict, param: torch.Tensor) -> Update:
