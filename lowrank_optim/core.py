@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 
+from lowrank_optim import kernels
 from lowrank_optim.projectors.base import Projector
 from lowrank_optim.rules.base import Rule
 
@@ -37,14 +38,21 @@ def lowrank_step(
     group: dict,
     rule: Rule,
     projector: Projector | None = None,
+    *,
+    projected: bool = False,
 ) -> None:
-    """Apply one optimizer step to ``param`` in place (called under ``torch.no_grad``)."""
+    """Apply one optimizer step to ``param`` in place (called under ``torch.no_grad``).
+
+    ``projected=True``: ``grad`` is already the low-rank gradient in the current subspace
+    (layer-wise gradient accumulation sums projected micro-batch gradients), so neither a
+    refresh nor a projection happens; a pending refresh request stays for the next step.
+    """
     if "step" not in state:
         state["step"] = torch.tensor(0.0)
     step = int(state["step"])
 
     low = grad
-    if projector is not None:
+    if projector is not None and not projected:
         fresh = None
         if refresh_due(projector, state, group, step):
             fresh = projector.refresh(grad, state, group)
@@ -54,11 +62,11 @@ def lowrank_step(
     state["step"] += 1
     update = rule.update(low, state, group, param)
 
-    if update.decay and update.decay_first:
-        param.mul_(1.0 - update.decay)
+    # decay and update in one pass where the backend fuses them (kernels.decoupled_decay order)
+    decay_before = update.decay if update.decay_first else 0.0
+    decay_after = 0.0 if update.decay_first else update.decay
     if projector is not None:
-        projector.apply(param, update.direction, update.alpha * group["scale"], state, group)
+        projector.apply_update(param, update.direction, update.alpha * group["scale"], state,
+                               group, decay_before, decay_after)
     else:
-        param.add_(update.direction, alpha=update.alpha)
-    if update.decay and not update.decay_first:
-        param.add_(param, alpha=-update.decay)
+        kernels.update_param(param, update.direction, update.alpha, decay_before, decay_after)

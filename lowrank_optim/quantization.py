@@ -20,14 +20,14 @@ Codes and scales are plain tensors (uint8 + fp32), so a quantised state is tenso
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 CODES = ("dynamic", "linear")
 
 
-@lru_cache(maxsize=None)
+@cache
 def _table_cpu(code: str, signed: bool) -> torch.Tensor:
     if code == "linear":
         if signed:  # 255 symmetric levels incl. an exact 0, plus a duplicate 1 (256 slots)

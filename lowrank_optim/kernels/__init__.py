@@ -1,13 +1,63 @@
 """Dispatch functions for the hot low-rank operations.
 
-Every optimizer calls these and nothing else for projection and back-projection, so a faster
-backend (Triton on CUDA) slots in here without a second copy of the math.  The pure-torch
-implementations in :mod:`lowrank_optim.kernels.reference` are the specification.
+Every optimizer calls these and nothing else for projection, back-projection, the Adam moment
+update and the parameter update, so the Triton backend (CUDA tensors) and the pure-torch
+reference (:mod:`lowrank_optim.kernels.reference`, the specification; everything else) share
+one call site and there is no second copy of the math.  The backend is chosen per call by
+:mod:`lowrank_optim.kernels.dispatch`: ``backend=`` argument, else ``$LOWRANK_OPTIM_KERNELS``
+(``auto`` | ``torch`` | ``triton``), else ``auto`` (Triton for CUDA tensors, torch otherwise).
 
 Sides: ``"right"`` uses a basis ``P`` of shape ``(r, n)`` and maps ``G (m, n) -> G P^T (m, r)``;
 ``"left"`` uses ``P`` of shape ``(m, r)`` and maps ``G -> P^T G (r, n)``.
+The DCT projector passes the full DCT basis and integer indices instead (``*_indexed``,
+``dct2_fft``, ``dct_scores``, ``dct_scores_matmul``, ``gather_lowrank``, ``rotate_lowrank``).
+SST's sampled singular vectors use ``gather_lowrank`` (columns) and ``scatter_add_columns_``.
+Operations without a Triton kernel (``dct2_fft``, ``dct_scores``, ``rotate_lowrank``,
+``scatter_add_columns_``, ``decoupled_decay``) are the reference functions themselves.
 """
 
-from lowrank_optim.kernels.reference import project, project_back, project_back_update
+from lowrank_optim.kernels.dispatch import (
+    ENV_VAR,
+    adam_update,
+    dct_scores_matmul,
+    gather_lowrank,
+    indexed_basis,
+    project,
+    project_back,
+    project_back_indexed,
+    project_back_indexed_update,
+    project_back_update,
+    project_indexed,
+    requested_backend,
+    update_param,
+    use_triton,
+)
+from lowrank_optim.kernels.reference import (
+    dct2_fft,
+    dct_scores,
+    decoupled_decay,
+    rotate_lowrank,
+    scatter_add_columns_,
+)
 
-__all__ = ["project", "project_back", "project_back_update"]
+__all__ = [
+    "ENV_VAR",
+    "adam_update",
+    "dct2_fft",
+    "dct_scores",
+    "dct_scores_matmul",
+    "decoupled_decay",
+    "gather_lowrank",
+    "indexed_basis",
+    "project",
+    "project_back",
+    "project_back_indexed",
+    "project_back_indexed_update",
+    "project_back_update",
+    "project_indexed",
+    "requested_backend",
+    "rotate_lowrank",
+    "scatter_add_columns_",
+    "update_param",
+    "use_triton",
+]

@@ -59,12 +59,33 @@ class SVDProjector(Projector):
                 low = kernels.project_back(low, state[f"proj_{side}"], side)
         return low
 
+    def overlap(self, old: dict, new: dict, group: dict) -> torch.Tensor | None:
+        """Mean squared cosine of the principal angles between the old and new bases,
+        ``||B_old B_new^T||_F^2 / r`` (1: same subspace, 0: orthogonal), averaged over the
+        projected sides; sign flips of singular vectors do not count."""
+        values = []
+        for side in ("left", "right"):
+            a, b = old.get(f"proj_{side}"), new.get(f"proj_{side}")
+            if a is None or b is None:
+                continue
+            a, b = a.float(), b.float()
+            cross = a.t() @ b if side == "left" else a @ b.t()  # r x r
+            values.append(cross.square().sum() / min(cross.shape))
+        return torch.stack(values).mean() if values else None
+
     def apply(
         self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict, group: dict
     ) -> None:
+        self.apply_update(param, low, alpha, state, group)
+
+    def apply_update(
+        self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict, group: dict,
+        decay_before: float = 0.0, decay_after: float = 0.0,
+    ) -> None:
         if "proj_left" in state and "proj_right" in state:  # proj_type="full"
             low = kernels.project_back(low, state["proj_left"], "left")
-            kernels.project_back_update(param, low, state["proj_right"], "right", alpha)
-            return
-        side = "left" if "proj_left" in state else "right"
-        kernels.project_back_update(param, low, state[f"proj_{side}"], side, alpha)
+            side = "right"
+        else:
+            side = "left" if "proj_left" in state else "right"
+        kernels.project_back_update(param, low, state[f"proj_{side}"], side, alpha,
+                                    decay_before, decay_after)

@@ -6,6 +6,7 @@ import math
 
 import torch
 
+from lowrank_optim import kernels
 from lowrank_optim.rules.base import Rule, Update
 from lowrank_optim.validation import check_betas, check_choice, check_lr, check_nonneg
 
@@ -20,6 +21,8 @@ class Adam(Rule):
     correction optional with ``correct_bias``) and weight decay ``W -= lr * wd * W`` *after* the
     update.  ``formula="torch"`` reproduces ``torch.optim.AdamW``: ``eps`` is added after the
     second-moment bias correction (so it acts smaller early on) and the decay is applied first.
+    The moment update and the direction are :func:`lowrank_optim.kernels.adam_update` (one
+    fused kernel on CUDA).
     """
 
     name = "adam"
@@ -35,24 +38,16 @@ class Adam(Rule):
         if "exp_avg" not in state:
             state["exp_avg"] = torch.zeros_like(low, memory_format=torch.contiguous_format)
             state["exp_avg_sq"] = torch.zeros_like(low, memory_format=torch.contiguous_format)
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         beta1, beta2 = group["betas"]
         lr, eps, step = group["lr"], group["eps"], float(state["step"])
-
-        exp_avg.mul_(beta1).add_(low, alpha=1.0 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(low, low, value=1.0 - beta2)
         bias1 = 1.0 - beta1**step
         bias2 = 1.0 - beta2**step
+        formula = group["formula"]
+        direction = kernels.adam_update(
+            low, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, eps, formula, bias2)
 
-        if group["formula"] == "torch":
-            denom = (exp_avg_sq.sqrt() / math.sqrt(bias2)).add_(eps)
-            return Update(
-                torch.div(exp_avg, denom, out=denom), -lr / bias1,
-                decay=lr * group["weight_decay"], decay_first=True,
-            )
+        if formula == "torch":
+            return Update(direction, -lr / bias1,
+                          decay=lr * group["weight_decay"], decay_first=True)
         step_size = lr * math.sqrt(bias2) / bias1 if group["correct_bias"] else lr
-        denom = exp_avg_sq.sqrt().add_(eps)
-        return Update(
-            torch.div(exp_avg, denom, out=denom), -step_size,
-            decay=lr * group["weight_decay"], decay_first=False,
-        )
+        return Update(direction, -step_size, decay=lr * group["weight_decay"], decay_first=False)
