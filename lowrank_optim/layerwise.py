@@ -1,0 +1,296 @@
+"""Layer-wise updates: each parameter steps inside its post-accumulate-grad hook.
+
+The full gradient of a parameter then lives only from the moment backward finishes it until its
+own step, instead of until every gradient of the model exists: peak memory drops by about the
+size of all gradients but the largest few.  :class:`LayerwiseOptimizer` wraps a
+:class:`~lowrank_optim.LowRankOptimizer` and adds what the Hugging Face Trainer's
+``*_layerwise`` options lack:
+
+* **Gradient accumulation.**  A projected parameter keeps a *low-rank* accumulator in its
+  optimizer state (key :data:`ACCUMULATOR_KEY`, memory category "other"): each micro-batch's
+  gradient is projected into the current subspace and freed, the step on the last micro-batch
+  uses the summed low-rank gradient.  Projection is linear, so this equals projecting the
+  summed full gradient (to rounding).  In a window where the subspace refreshes (the first
+  step, a requested refresh, every ``update_proj_gap`` steps) the new subspace is computed
+  from the full gradient, so that window accumulates full gradients in ``param.grad``;
+  unprojected parameters always do.
+* **Learning-rate schedules.**  ``param_groups`` *is* the wrapped optimizer's list, so an LR
+  scheduler built on the wrapper (``transformers.get_scheduler``, ``torch.optim.lr_scheduler``)
+  drives the real learning rates, and the Trainer logs them correctly.
+* **Clipping that applies.**  Clipping by the global norm needs every gradient before the
+  first step, which this mode never holds (that is where its memory saving comes from), so it
+  cannot work here without a second backward pass; ``max_grad_norm`` clips each parameter's
+  gradient (the low-rank one for accumulated projected parameters) by its own norm instead.
+  :class:`trainer_callbacks.LayerwiseCallback` rejects ``TrainingArguments.max_grad_norm > 0``
+  with that explanation rather than let the Trainer clip gradients that no longer exist.
+
+Call :meth:`LayerwiseOptimizer.step` once per optimizer step, as with any optimizer (the
+Trainer does): the parameters have already stepped in their hooks, so it only steps the ones
+left with a partial window (an epoch that ends mid-accumulation), and it checks that the
+accumulation length matches.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from lowrank_optim.core import refresh_due
+from lowrank_optim.optim.base import LowRankOptimizer
+from lowrank_optim.validation import check_int_at_least, check_positive, param_label
+
+#: optimizer-state key of the low-rank gradient accumulator (present only mid-window)
+ACCUMULATOR_KEY = "layerwise_grad_accum"
+
+
+class LayerwiseOptimizer(torch.optim.Optimizer):
+    """Per-parameter optimizer steps in ``register_post_accumulate_grad_hook`` hooks.
+
+    Parameters
+    ----------
+    optimizer
+        The :class:`~lowrank_optim.LowRankOptimizer` whose :meth:`step_param` does the work.
+        Its ``param_groups`` and ``state`` are shared, not copied.
+    gradient_accumulation_steps
+        Micro-batches per optimizer step; a parameter steps in the hook of its last one.
+        :class:`trainer_callbacks.LayerwiseCallback` sets it from ``TrainingArguments``.
+    max_grad_norm
+        Clip each parameter's gradient to this l2 norm before its step (``None``: no
+        clipping).  Per-parameter, not global: see the module notes.
+
+    Notes
+    -----
+    The non-finite check follows the wrapped optimizer's ``nonfinite`` setting per parameter:
+    ``"raise"`` raises before that parameter changes (parameters stepped earlier in the same
+    backward pass have been updated already), ``"skip"`` skips that parameter's step with a
+    warning, ``"ignore"`` does no check.  Each check costs one host sync per parameter.
+
+    Examples
+    --------
+    >>> lw = LayerwiseOptimizer(create_optimizer(model, "galore_adamw", rank=128))
+    >>> for ids in batches:
+    ...     model(input_ids=ids, labels=ids).loss.backward()  # parameters step in here
+    ...     lw.step()  # no-op unless a window was left partial
+    """
+
+    def __init__(
+        self,
+        optimizer: LowRankOptimizer,
+        *,
+        gradient_accumulation_steps: int = 1,
+        max_grad_norm: float | None = None,
+    ) -> None:
+        if not isinstance(optimizer, LowRankOptimizer):
+            raise TypeError(
+                f"LayerwiseOptimizer wraps a lowrank_optim.LowRankOptimizer, got "
+                f"{type(optimizer).__name__}; build one with lowrank_optim.create_optimizer."
+            )
+        if type(optimizer).step_param is not LowRankOptimizer.step_param:
+            raise ValueError(
+                f"{type(optimizer).__name__} overrides step_param: its parameters are not "
+                "independent within a step (SSTAdamW advances a layer's schedule and may "
+                "re-decompose U, S, V after V's step, which must not happen in the middle of "
+                "a backward pass). Use it with a regular optimizer.step()."
+            )
+        if (torch.distributed.is_available() and torch.distributed.is_initialized()
+                and torch.distributed.get_world_size() > 1):
+            raise NotImplementedError(
+                "Layer-wise updates step each parameter as soon as backward has produced its "
+                "local gradient, before data-parallel ranks have averaged it; they are "
+                "single-process only."
+            )
+        # torch.optim.Optimizer's bookkeeping (hooks, step patching) on a placeholder group;
+        # from then on param_groups, state and defaults are the wrapped optimizer's
+        super().__init__([torch.zeros(1, requires_grad=True)], {})
+        self.optimizer = optimizer
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        #: param -> (group index, index in group): groups are looked up at each step, since
+        #: ``load_state_dict`` replaces the group dicts (accelerate's prepare() does one)
+        self._where: dict[torch.Tensor, tuple[int, int]] = {}
+        self._projected: set[int] = set()
+        self._lowrank_window: dict[torch.Tensor, bool] = {}
+        self._pending: dict[torch.Tensor, int] = {}  # micro-batches in the open window
+        self._seen: dict[torch.Tensor, int] = {}  # hook calls since the last step()
+        self._handles: list[Any] = []
+        self._register(optimizer.param_groups)
+
+    # -- shared with the wrapped optimizer ----------------------------------------------------
+    def _shared(name: str) -> property:  # run once, at class creation
+        def get(self):
+            inner = self.__dict__.get("optimizer")
+            return getattr(inner, name) if inner is not None else self.__dict__[f"_own_{name}"]
+
+        def set_(self, value):
+            inner = self.__dict__.get("optimizer")
+            if inner is not None:
+                setattr(inner, name, value)
+            else:
+                self.__dict__[f"_own_{name}"] = value
+
+        return property(get, set_, doc=f"The wrapped optimizer's ``{name}`` (shared).")
+
+    param_groups = _shared("param_groups")
+    state = _shared("state")
+    defaults = _shared("defaults")
+    del _shared
+
+    # -- settings ---------------------------------------------------------------------------
+    @property
+    def gradient_accumulation_steps(self) -> int:
+        return self._accumulation
+
+    @gradient_accumulation_steps.setter
+    def gradient_accumulation_steps(self, value: int) -> None:
+        check_int_at_least("gradient_accumulation_steps", value, 1)
+        if value > 1:
+            for group in self.optimizer.param_groups:
+                if group.get("rank") is not None and group.get("error_feedback"):
+                    raise ValueError(
+                        "error_feedback needs the full accumulated gradient of each step, but "
+                        "layer-wise gradient accumulation keeps only its low-rank part; use "
+                        "gradient_accumulation_steps=1 or error_feedback=False."
+                    )
+        self._accumulation = value
+
+    @property
+    def max_grad_norm(self) -> float | None:
+        return self._max_norm
+
+    @max_grad_norm.setter
+    def max_grad_norm(self, value: float | None) -> None:
+        if value is not None:
+            check_positive("max_grad_norm", value)
+        self._max_norm = value
+
+    # -- hooks ------------------------------------------------------------------------------
+    def _register(self, groups: list[dict]) -> None:
+        self._projected |= {id(p) for _, p, _ in self.optimizer.projected_params()}
+        first = len(self.optimizer.param_groups) - len(groups)
+        for g, group in enumerate(groups, start=first):
+            for i, p in enumerate(group["params"]):
+                if p.requires_grad and p not in self._where:
+                    self._where[p] = (g, i)
+                    self._handles.append(p.register_post_accumulate_grad_hook(self._hook))
+
+    def _group(self, param: torch.Tensor) -> tuple[dict, int]:
+        g, i = self._where[param]
+        return self.optimizer.param_groups[g], i
+
+    def remove_hooks(self) -> None:
+        """Detach from the parameters (the wrapped optimizer can then step normally)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._where.clear()
+
+    def _accumulates_lowrank(self, param: torch.Tensor, group: dict) -> bool:
+        """At a window's first micro-batch: accumulate the projected gradient, unless the
+        parameter is unprojected or its subspace is due for a refresh in this window."""
+        if self._accumulation == 1 or id(param) not in self._projected:
+            return False
+        state = self.optimizer.state[param]
+        step = int(state["step"]) if "step" in state else 0
+        # refresh_due pops a pending request: ask it on a copy of the state
+        return not refresh_due(self.optimizer.projector, dict(state), group, step)
+
+    @torch.no_grad()
+    def _hook(self, param: torch.Tensor) -> None:
+        if param.grad is None or param not in self._where:
+            return
+        group, index = self._group(param)
+        count = self._pending.get(param, 0) + 1
+        self._pending[param] = count
+        self._seen[param] = self._seen.get(param, 0) + 1
+        if count == 1:
+            self._lowrank_window[param] = self._accumulates_lowrank(param, group)
+        if self._lowrank_window[param]:
+            projector, state = self.optimizer.projector, self.optimizer.state[param]
+            low = projector.project(param.grad, projector.subspace(state), group)
+            acc = state.get(ACCUMULATOR_KEY)
+            state[ACCUMULATOR_KEY] = low.clone() if acc is None else acc.add_(low)
+            param.grad = None  # the full gradient of this micro-batch is not kept
+        if count >= self._accumulation:
+            self._step(param, group, index)
+
+    def _step(self, param: torch.Tensor, group: dict, index: int) -> None:
+        state = self.optimizer.state[param]
+        low = state.pop(ACCUMULATOR_KEY, None)
+        grad = param.grad if low is None else low
+        self._pending.pop(param, None)
+        self._lowrank_window.pop(param, None)
+        if grad is None:
+            return
+        if self.optimizer.nonfinite != "ignore" and not self._finite(grad, group, index, param):
+            param.grad = None
+            return
+        if self._max_norm is not None:
+            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+            grad.mul_((self._max_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
+        self.optimizer.step_param(param, group, index, grad, projected=low is not None)
+        param.grad = None  # freed right after its step
+
+    def _finite(self, grad: torch.Tensor, group: dict, index: int, param: torch.Tensor) -> bool:
+        if bool(grad.sum(dtype=torch.float32).isfinite()):
+            return True
+        label = param_label(group, index, param)
+        if self.optimizer.nonfinite == "raise":
+            raise RuntimeError(
+                f"non-finite (NaN/Inf) gradient in {label}; in layer-wise mode parameters "
+                "stepped earlier in this backward pass were already updated, this one and the "
+                "following were not. Lower the learning rate, clip (max_grad_norm=...), or "
+                "pass nonfinite='skip' to the optimizer to skip such parameters."
+            )
+        warnings.warn(f"Skipping the layer-wise step of {label}: non-finite gradient.",
+                      RuntimeWarning, stacklevel=2)
+        self.optimizer.skipped_steps += 1
+        return False
+
+    # -- torch.optim.Optimizer API ------------------------------------------------------------
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """End the optimizer step: step parameters left with a partial accumulation window.
+
+        Raises ``RuntimeError`` if more backward passes than ``gradient_accumulation_steps``
+        reached a parameter since the previous call (the accumulation settings disagree).
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        seen = max(self._seen.values(), default=0)
+        self._seen.clear()
+        if seen > self._accumulation:
+            raise RuntimeError(
+                f"{seen} backward passes reached the parameters between two step() calls but "
+                f"gradient_accumulation_steps={self._accumulation}, so each window stepped "
+                "early. Pass the training loop's accumulation length to LayerwiseOptimizer "
+                "(in a Trainer, trainer_callbacks.LayerwiseCallback sets it from the arguments)."
+            )
+        for param in list(self._pending):
+            self._step(param, *self._group(param))
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Drop gradients, including low-rank accumulators of an unfinished window."""
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+        for param in self._pending:
+            self.optimizer.state[param].pop(ACCUMULATOR_KEY, None)
+        self._pending.clear()
+        self._lowrank_window.clear()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if "optimizer" not in self.__dict__:  # torch.optim.Optimizer.__init__'s placeholder
+            super().add_param_group(param_group)
+            return
+        self.optimizer.add_param_group(param_group)
+        self._register(self.optimizer.param_groups[-1:])
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)

@@ -1,0 +1,46 @@
+"""``LayerwiseCallback``: wires a :class:`~lowrank_optim.layerwise.LayerwiseOptimizer` to the
+Trainer's settings and rejects the ones that cannot work in layer-wise mode."""
+
+from __future__ import annotations
+
+from transformers import TrainerCallback
+
+from trainer_callbacks._common import layerwise_optimizer
+
+
+class LayerwiseCallback(TrainerCallback):
+    """Check and sync the Trainer's arguments with layer-wise updates at train begin.
+
+    * ``gradient_accumulation_steps`` is copied to the :class:`LayerwiseOptimizer` (each
+      parameter steps in the hook of the window's last micro-batch).
+    * ``max_grad_norm > 0`` raises ``ValueError``: clipping by the global norm needs every
+      gradient before the first parameter steps, but in layer-wise mode each gradient is
+      consumed and freed as soon as backward produces it (the Trainer would "clip" gradients
+      that no longer exist, silently).  Set ``max_grad_norm=0`` and clip per parameter with
+      ``LayerwiseOptimizer(max_grad_norm=...)`` (or ``attach(..., max_grad_norm=...)``).
+    * More than one process raises ``NotImplementedError`` (a parameter would step on its
+      local gradient before data-parallel ranks average it).
+    """
+
+    def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
+        lw = layerwise_optimizer(optimizer)
+        if lw is None:
+            raise TypeError(
+                "LayerwiseCallback found no lowrank_optim.layerwise.LayerwiseOptimizer behind "
+                f"the Trainer's optimizer ({type(optimizer).__name__}); pass "
+                "optimizers=(LayerwiseOptimizer(opt), None) or use attach(..., layerwise=True)."
+            )
+        if getattr(args, "world_size", 1) > 1:
+            raise NotImplementedError(
+                "Layer-wise updates step each parameter on its local gradient during backward, "
+                "before data-parallel ranks average it: use a single process."
+            )
+        if args.max_grad_norm is not None and args.max_grad_norm > 0:
+            raise ValueError(
+                f"max_grad_norm={args.max_grad_norm} asks the Trainer to clip by the global "
+                "gradient norm after backward, but in layer-wise mode every gradient has already "
+                "been used and freed by then (that is where the memory saving comes from), so "
+                "nothing would be clipped. Set TrainingArguments(max_grad_norm=0) and clip each "
+                "parameter's gradient with LayerwiseOptimizer(max_grad_norm=...) instead."
+            )
+        lw.gradient_accumulation_steps = args.gradient_accumulation_steps
