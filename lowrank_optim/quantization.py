@@ -2,7 +2,8 @@
 
 A tensor is split into blocks of ``block_size`` consecutive elements (flattened); each block
 stores one fp32 ``absmax`` and one uint8 code per element indexing a 256-entry table of values
-in [-1, 1] (signed) or [0, 1] (unsigned).  Dequantised value = ``table[code] * absmax``.
+in [-1, 1] (signed) or [0, 1] (unsigned).  Dequantised value = ``table[code] * absmax``; a
+value is quantised to the nearest table entry (``torch.bucketize`` on the table's midpoints).
 
 Two tables:
 
@@ -15,16 +16,41 @@ Two tables:
   value is the half-gap of the table around it (:func:`error_bound`).
 
 Codes and scales are plain tensors (uint8 + fp32), so a quantised state is tensors only.
+This module is the specification: :func:`lowrank_optim.kernels.quantize_blockwise` /
+:func:`~lowrank_optim.kernels.dequantize_blockwise` run it on the torch backend, and the
+Triton kernels (:mod:`lowrank_optim.kernels.triton_quant`) read the same :func:`table` and
+:func:`midpoints`.
+
+Optimizer-state convention (used by :class:`lowrank_optim.rules.Adam` with ``bits=8``): a
+moment ``name`` is stored as ``name + "_codes"`` (uint8, the moment's shape) and
+``name + "_absmax"`` (fp32, ``ceil(numel / block_size)``); both keys start with ``exp_``, so
+memory accounting counts them as moments.  Second moments (names ending in ``_sq``) use the
+unsigned table, everything else the signed one (:func:`is_signed`).  The settings live in
+the param group (:data:`DEFAULTS`, checked by :func:`check_settings`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache
+from typing import Any
 
 import torch
 
+from lowrank_optim.validation import check_choice, check_int_at_least
+
 CODES = ("dynamic", "linear")
+#: state precisions a param group may ask for with its ``bits`` key
+BITS = (8, 32)
+#: group keys of low-bit optimizer state and their defaults (as in bitsandbytes: tensors with
+#: fewer than ``min_8bit_size`` elements keep 32-bit state)
+DEFAULTS: dict[str, Any] = {"bits": 32, "block_size": 256, "code": "dynamic",
+                            "min_8bit_size": 4096}
+#: suffixes of the two state entries that hold one quantised tensor
+CODES_SUFFIX = "_codes"
+ABSMAX_SUFFIX = "_absmax"
 
 
 @cache
@@ -50,32 +76,77 @@ def _table_cpu(code: str, signed: bool) -> torch.Tensor:
     return values
 
 
-def table(code: str, signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 256 representable normalised values (sorted, fp32) of ``code``."""
-    if code not in CODES:
-        raise ValueError(f"Invalid code={code!r}: choose one of {CODES}.")
+@cache
+def _device_table(code: str, signed: bool, device: torch.device) -> torch.Tensor:
     t = _table_cpu(code, signed)
     assert t.numel() == 256, t.numel()
     return t.float().to(device)
 
 
-def _midpoints(values: torch.Tensor) -> torch.Tensor:
+@cache
+def _device_midpoints(code: str, signed: bool, device: torch.device) -> torch.Tensor:
+    values = _device_table(code, signed, device)
     return (values[1:] + values[:-1]) / 2
 
 
+def table(code: str, signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 256 representable normalised values (sorted, fp32) of ``code``.
+
+    Cached per device and shared: do not modify the returned tensor.
+    """
+    if code not in CODES:
+        raise ValueError(f"Invalid code={code!r}: choose one of {CODES}.")
+    return _device_table(code, signed, torch.device(device))
+
+
+def midpoints(code: str, signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
+    """The 255 decision boundaries (fp32) between consecutive :func:`table` entries: a value
+    ``x`` (normalised by its block's absmax) gets the code ``#{boundaries < x}``.  Shared."""
+    table(code, signed)  # validates the name
+    return _device_midpoints(code, signed, torch.device(device))
+
+
+def zero_code(code: str, signed: bool) -> int:
+    """The code of 0.0 (every table holds an exact zero): what a zero-initialised moment is."""
+    return int(torch.bucketize(torch.zeros(()), midpoints(code, signed)))
+
+
+def num_blocks(numel: int, block_size: int) -> int:
+    """Number of blocks (and absmax scales) of a tensor of ``numel`` elements."""
+    return math.ceil(numel / block_size)
+
+
 def quantize(
-    x: torch.Tensor, block_size: int = 256, code: str = "dynamic", signed: bool = True
+    x: torch.Tensor, block_size: int = 256, code: str = "dynamic", signed: bool = True,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes uint8 of x.shape, absmax fp32 of ceil(numel / block_size))``."""
-    values = table(code, signed, x.device)
+    """``(codes uint8 of x.shape, absmax fp32 of ceil(numel / block_size))``.
+
+    Parameters
+    ----------
+    x
+        Tensor to quantise (any floating dtype; computed in fp32).
+    block_size, code, signed
+        Block length, table name (:data:`CODES`) and table sign.
+    out
+        ``(codes, absmax)`` to write into in place (e.g. an optimizer's state); returned.
+    """
+    mids = midpoints(code, signed, x.device)
     flat = x.reshape(-1).float()
     n = flat.numel()
-    blocks = math.ceil(n / block_size)
-    padded = torch.nn.functional.pad(flat, (0, blocks * block_size - n)).view(blocks, block_size)
-    absmax = padded.abs().amax(dim=1)
+    blocks = num_blocks(n, block_size)
+    pad = blocks * block_size - n
+    padded = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(blocks, block_size)
+    low, high = torch.aminmax(padded, dim=1)
+    absmax = torch.maximum(high, low.neg_())
     normed = padded / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    codes = torch.bucketize(normed, _midpoints(values)).to(torch.uint8)
-    return codes.reshape(-1)[:n].view(x.shape), absmax
+    codes = torch.bucketize(normed, mids, out_int32=True).to(torch.uint8)
+    codes = codes.reshape(-1)[:n].view(x.shape)
+    if out is None:  # a compact tensor, not a view of the padded blocks
+        return (codes.clone() if blocks * block_size != n else codes), absmax
+    out[0].copy_(codes)
+    out[1].copy_(absmax)
+    return out
 
 
 def dequantize(
@@ -86,7 +157,9 @@ def dequantize(
     values = table(code, signed, codes.device)
     n = codes.numel()
     blocks = absmax.numel()
-    flat = torch.nn.functional.pad(values[codes.reshape(-1).long()], (0, blocks * block_size - n))
+    pad = blocks * block_size - n
+    flat = values.index_select(0, codes.reshape(-1).int())
+    flat = torch.nn.functional.pad(flat, (0, pad)) if pad else flat
     deq = (flat.view(blocks, block_size) * absmax.unsqueeze(1)).reshape(-1)[:n].view(codes.shape)
     if out is None:
         return deq
@@ -105,4 +178,84 @@ def error_bound(x: torch.Tensor, absmax_per_elem: torch.Tensor, code: str, signe
 
 def nbytes(numel: int, block_size: int) -> int:
     """Bytes of one quantised tensor: codes + fp32 absmax."""
-    return numel + 4 * math.ceil(numel / block_size)
+    return numel + 4 * num_blocks(numel, block_size)
+
+
+# -- low-bit optimizer state -------------------------------------------------------------------
+def check_settings(group: dict) -> None:
+    """Raise ``ValueError`` naming the key when a group's low-bit settings are invalid.
+
+    Keys (absent ones take :data:`DEFAULTS`): ``bits`` in :data:`BITS`, ``block_size`` an
+    integer >= 1, ``code`` in :data:`CODES`, ``min_8bit_size`` an integer >= 0.
+    """
+    bits, block_size, code, min_size = settings(group)
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"Invalid bits={bits!r}: choose 32 (full-precision state) or 8 "
+                         "(block-wise quantised moments).")
+    check_int_at_least("block_size", block_size, 1)
+    check_choice("code", code, CODES)
+    check_int_at_least("min_8bit_size", min_size, 0)
+
+
+def settings(group: dict) -> tuple[int, int, str, int]:
+    """``(bits, block_size, code, min_8bit_size)`` of a param group, defaults filled in."""
+    return tuple(group.get(key, default) for key, default in DEFAULTS.items())  # type: ignore
+
+
+def is_signed(name: str) -> bool:
+    """Whether state entry ``name`` uses the signed table: all but second moments (``*_sq``)."""
+    return not name.endswith("_sq")
+
+
+def use_8bit(group: dict, numel: int) -> bool:
+    """Whether a new state tensor of ``numel`` elements is quantised under ``group``'s keys."""
+    bits, _, _, min_size = settings(group)
+    return bits == 8 and numel >= min_size
+
+
+def zeros(
+    shape: torch.Size | tuple[int, ...], device: torch.device, block_size: int, code: str,
+    signed: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes, absmax)`` of an all-zero tensor of ``shape``: exactly ``nbytes`` allocated."""
+    codes = torch.full(tuple(shape), zero_code(code, signed), dtype=torch.uint8, device=device)
+    absmax = torch.zeros(num_blocks(codes.numel(), block_size), dtype=torch.float32,
+                         device=device)
+    return codes, absmax
+
+
+def quantized_names(state: dict) -> list[str]:
+    """Names of the quantised tensors in ``state`` (entries ``name_codes`` + ``name_absmax``)."""
+    return [key[: -len(CODES_SUFFIX)] for key in state
+            if key.endswith(CODES_SUFFIX)
+            and key[: -len(CODES_SUFFIX)] + ABSMAX_SUFFIX in state]
+
+
+@contextmanager
+def dequantized(state: dict, group: dict) -> Iterator[dict]:
+    """Show the quantised moments of ``state`` as fp32 tensors under their plain names.
+
+    Inside the ``with`` block ``state[name]`` is the dequantised fp32 ``name`` (for code that
+    transforms moments in place, e.g. a projector rotating them into a new subspace); on exit
+    each is requantised into its ``name_codes`` / ``name_absmax`` entries and removed again.
+    A state without quantised entries is left alone.  Uses the kernel dispatch (Triton on
+    CUDA).
+    """
+    from lowrank_optim import kernels  # kernels' torch path imports this module
+
+    names = quantized_names(state)
+    if not names:
+        yield state
+        return
+    _, block_size, code, _ = settings(group)
+    for name in names:
+        state[name] = kernels.dequantize_blockwise(
+            state[name + CODES_SUFFIX], state[name + ABSMAX_SUFFIX], block_size, code,
+            is_signed(name))
+    try:
+        yield state
+    finally:
+        for name in names:
+            kernels.quantize_blockwise(
+                state.pop(name), block_size, code, is_signed(name),
+                out=(state[name + CODES_SUFFIX], state[name + ABSMAX_SUFFIX]))

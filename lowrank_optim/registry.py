@@ -2,28 +2,64 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
 from lowrank_optim.groups import TargetModules, param_groups
-from lowrank_optim.optim.galore import GaLoreAdafactor, GaLoreAdamW
+from lowrank_optim.optim.dct import DCTAdafactor, DCTAdamW
+from lowrank_optim.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from lowrank_optim.optim.sst import create_sst_adamw
 
 #: name -> optimizer class taking param groups with projection keys
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "galore_adamw": GaLoreAdamW,
     "galore_adafactor": GaLoreAdafactor,
+    "dct_adamw": DCTAdamW,
+    "dct_adafactor": DCTAdafactor,
+    "galore_adamw8bit": GaLoreAdamW8bit,
+    "dct_adamw8bit": DCTAdamW,
 }
+#: optimizer keyword defaults per name (the caller's keywords win): ``dct_adamw8bit`` is
+#: ``DCTAdamW`` with 8-bit moments
+OPTIMIZER_DEFAULTS_BY_NAME: dict[str, dict[str, Any]] = {
+    "dct_adamw8bit": {"bits": 8},
+}
+#: projection defaults of :func:`create_optimizer` when the caller passes none: GaLore's paper
+#: settings, overridden per optimizer name (the DCT reference refreshes every step, no scale)
+GALORE_PROJECTION_DEFAULTS: dict[str, Any] = {"update_proj_gap": 200, "scale": 0.25}
+PROJECTION_DEFAULTS_BY_NAME: dict[str, dict[str, Any]] = {
+    "dct_adamw": {"update_proj_gap": 1, "scale": 1.0},
+    "dct_adafactor": {"update_proj_gap": 1, "scale": 1.0},
+    "dct_adamw8bit": {"update_proj_gap": 1, "scale": 1.0},
+}
+
+
+class _Unset:
+    """Marks an argument the caller left out (``None`` is a valid ``update_proj_gap``)."""
+
+    def __repr__(self) -> str:
+        return "<per-optimizer default>"
+
+
+UNSET: Any = _Unset()
+
 #: name -> baseline without projection (same call shape, for benchmarks and recipes)
 BASELINES: dict[str, type[torch.optim.Optimizer]] = {
     "adamw": torch.optim.AdamW,
+}
+#: name -> builder called with the model itself, for optimizers that change the model: SST
+#: converts the targeted nn.Linear layers to SpectralLinear before building its groups
+MODEL_BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
+    "sst_adamw": create_sst_adamw,
 }
 
 
 def available() -> list[str]:
     """Names accepted by :func:`create_optimizer`."""
-    return sorted({**OPTIMIZERS, **BASELINES})
+    return sorted({**OPTIMIZERS, **BASELINES, **MODEL_BUILDERS})
 
 
 def create_optimizer(
@@ -32,8 +68,8 @@ def create_optimizer(
     *,
     target_modules: TargetModules = "all-linear",
     rank: int = 128,
-    update_proj_gap: int | None = 200,
-    scale: float = 0.25,
+    update_proj_gap: int | None = UNSET,
+    scale: float = UNSET,
     proj_type: str = "std",
     **optimizer_kwargs: Any,
 ) -> torch.optim.Optimizer:
@@ -42,6 +78,12 @@ def create_optimizer(
     Projection settings go to the group of targeted ``nn.Linear`` weights (see
     :func:`lowrank_optim.param_groups`); ``optimizer_kwargs`` (``lr``, ``betas``,
     ``weight_decay`` ...) go to the optimizer.  Baselines (``"adamw"``) ignore projection keys.
+    ``update_proj_gap`` and ``scale`` default per optimizer: 200 and 0.25 (GaLore's paper
+    settings), 1 and 1.0 for ``dct_*`` (see :data:`PROJECTION_DEFAULTS_BY_NAME`).
+    ``"galore_adamw8bit"`` and ``"dct_adamw8bit"`` keep 8-bit moments (``bits=8``; any
+    Adam-based name takes ``bits=8`` as a keyword too).
+    ``"sst_adamw"`` converts ``model``'s targeted layers to ``SpectralLinear`` in place (unless
+    it already has some) and takes SST arguments (``iteration_length`` ...) as optimizer kwargs.
 
     Examples
     --------
@@ -53,8 +95,19 @@ def create_optimizer(
         return BASELINES[key](
             [p for p in model.parameters() if p.requires_grad], **optimizer_kwargs
         )
+    if key in MODEL_BUILDERS:
+        if update_proj_gap is not UNSET or scale is not UNSET:
+            raise ValueError(f"{name!r} takes no update_proj_gap or scale: SST redraws its "
+                             "vectors every iteration_length steps (an optimizer argument).")
+        return MODEL_BUILDERS[key](model, target_modules=target_modules, rank=rank,
+                                   **optimizer_kwargs)
     if key not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer name={name!r}; choose one of {available()}.")
-    groups = param_groups(model, target_modules, rank=rank, update_proj_gap=update_proj_gap,
-                          scale=scale, proj_type=proj_type)
-    return OPTIMIZERS[key](groups, **optimizer_kwargs)
+    proj = {**GALORE_PROJECTION_DEFAULTS, **PROJECTION_DEFAULTS_BY_NAME.get(key, {})}
+    if update_proj_gap is not UNSET:
+        proj["update_proj_gap"] = update_proj_gap
+    if scale is not UNSET:
+        proj["scale"] = scale
+    groups = param_groups(model, target_modules, rank=rank, proj_type=proj_type, **proj)
+    return OPTIMIZERS[key](groups, **{**OPTIMIZER_DEFAULTS_BY_NAME.get(key, {}),
+                                      **optimizer_kwargs})

@@ -1,86 +1,65 @@
-"""CPU demo: a tiny LLaMA (built from a config) trained with AdamW and with GaLore side by side.
+"""The README's main job: the pretraining recipe on the tiny config, for several optimizers.
 
-Prints the training loss of both every few steps, then validation loss and optimizer-state
-bytes (moments / projectors / total and bytes per parameter).  Runs offline on the Python
-standard library's docstrings with byte-level tokens.
+For each optimizer, one after another, this runs
 
-    python recipes/demo.py --steps 200 --rank 16
+    accelerate launch --config_file recipes/accelerate/single.yaml --mixed_precision no \\
+        recipes/pretrain.py --config recipes/configs/tiny.yaml --optimizer NAME \\
+        --output-dir runs/demo/NAME
+
+(a tiny LLaMA on CPU, the offline stdlib-documentation corpus, 300 steps), then prints the
+final table: validation loss and perplexity, optimizer-state bytes, tokens/s.  Arguments after
+``--`` go to every recipe run.
+
+    python recipes/demo.py
+    python recipes/demo.py --optimizers adamw galore_adamw -- --max-steps 100
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import math
-import time
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
-import torch
-from corpus import batches, byte_tokens, stdlib_texts
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 
-import lowrank_optim as lo
-from lowrank_optim.model_configs import build_llama
+from pretrain import format_table, optimizer_names  # noqa: E402
 
-
-@torch.no_grad()
-def evaluate(model, tokens, seq_len: int, n_batches: int = 8) -> float:
-    model.eval()
-    losses = [model(input_ids=ids, labels=ids).loss.item()
-              for ids, _ in zip(batches(tokens, 8, seq_len, seed=123), range(n_batches),
-                                         strict=False)]
-    model.train()
-    return sum(losses) / len(losses)
+#: shown when available (dct_adamw / sst_adamw come from lowrank_optim's registry)
+DEMO_OPTIMIZERS = ("adamw", "lora", "galore_adamw", "dct_adamw", "sst_adamw")
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--steps", type=int, default=200)
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--update-proj-gap", type=int, default=50)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--optimizers", nargs="+",
+                    default=[n for n in DEMO_OPTIMIZERS if n in optimizer_names()])
+    ap.add_argument("--config", default=str(HERE / "configs" / "tiny.yaml"))
+    ap.add_argument("--output-dir", default="runs/demo")
+    ap.add_argument("recipe_args", nargs=argparse.REMAINDER,
+                    help="after --: extra flags for recipes/pretrain.py")
     args = ap.parse_args(argv)
-    torch.manual_seed(args.seed)
-
-    train_text, val_text = stdlib_texts()
-    train, val = byte_tokens(train_text), byte_tokens(val_text)
-    print(f"corpus: stdlib docstrings, {len(train):,} train / {len(val):,} val bytes")
-
-    base = build_llama("tiny", seed=args.seed)
-    runs = {"adamw": base, "galore_adamw": copy.deepcopy(base)}
-    opts = {
-        "adamw": torch.optim.AdamW(runs["adamw"].parameters(), lr=args.lr, weight_decay=0.0),
-        "galore_adamw": lo.create_optimizer(
-            runs["galore_adamw"], "galore_adamw", lr=args.lr, rank=args.rank,
-            update_proj_gap=args.update_proj_gap, scale=0.25),
-    }
-    data = batches(train, args.batch_size, args.seq_len, seed=args.seed)
-    seconds = dict.fromkeys(runs, 0.0)
-    print(f"{'step':>6} {'adamw loss':>12} {'galore loss':>12}")
-    for step in range(1, args.steps + 1):
-        ids = next(data)
-        losses = {}
-        for name, model in runs.items():
-            t0 = time.perf_counter()
-            opts[name].zero_grad(set_to_none=True)
-            loss = model(input_ids=ids, labels=ids).loss
-            loss.backward()
-            opts[name].step()
-            seconds[name] += time.perf_counter() - t0
-            losses[name] = loss.item()
-        if step == 1 or step % max(1, args.steps // 10) == 0:
-            print(f"{step:>6} {losses['adamw']:>12.4f} {losses['galore_adamw']:>12.4f}")
-
-    tokens = args.steps * args.batch_size * args.seq_len
-    print(f"\n{'optimizer':<14}{'val loss':>9}{'val ppl':>9}{'moments B':>12}{'proj B':>9}"
-          f"{'state B':>10}{'B/param':>9}{'tok/s':>9}")
-    for name, model in runs.items():
-        val_loss = evaluate(model, val, args.seq_len)
-        sb = lo.memory.state_bytes(opts[name])
-        print(f"{name:<14}{val_loss:>9.4f}{math.exp(val_loss):>9.2f}{sb.moments:>12,}"
-              f"{sb.projectors:>9,}{sb.total:>10,}{sb.bytes_per_param:>9.2f}"
-              f"{tokens / seconds[name]:>9,.0f}")
+    extra = args.recipe_args[1:] if args.recipe_args[:1] == ["--"] else args.recipe_args
+    # tiny matrices: one BLAS thread per process is faster than several on 2 cores
+    env = {"OMP_NUM_THREADS": "1", **os.environ}
+    summaries = []
+    for name in args.optimizers:
+        out = Path(args.output_dir) / name
+        recipe = [str(HERE / "pretrain.py"), "--config", args.config, "--optimizer", name,
+                  "--output-dir", str(out), *extra]
+        launcher = ["--config_file", str(HERE / "accelerate" / "single.yaml"),
+                    "--num_processes", "1", "--mixed_precision", "no"]
+        print("\n$ accelerate launch " + " ".join(launcher + recipe), flush=True)
+        subprocess.run([sys.executable, "-m", "accelerate.commands.launch", *launcher, *recipe],
+                       check=True, env=env)
+        summaries.append(json.loads((out / "summary.json").read_text()))
+    table = format_table(summaries)
+    (Path(args.output_dir) / "table.txt").write_text(table + "\n")
+    print(f"\n{table}\n\n(tiny LLaMA, {summaries[0]['data']}; "
+          f"table saved to {Path(args.output_dir) / 'table.txt'})")
+    return summaries
 
 
 if __name__ == "__main__":

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # The main job: bash scripts/demo.sh [demo args]
+# Runs recipes/pretrain.py (accelerate launch, tiny LLaMA, offline stdlib corpus) for several
+# optimizers one after another and prints the final table; see recipes/demo.py for the args.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh run

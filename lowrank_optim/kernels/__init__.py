@@ -12,6 +12,9 @@ Sides: ``"right"`` uses a basis ``P`` of shape ``(r, n)`` and maps ``G (m, n) ->
 The DCT projector passes the full DCT basis and integer indices instead (``*_indexed``,
 ``dct2_fft``, ``dct_scores``, ``dct_scores_matmul``, ``gather_lowrank``, ``rotate_lowrank``).
 SST's sampled singular vectors use ``gather_lowrank`` (columns) and ``scatter_add_columns_``.
+8-bit optimizer state (``bits=8``): ``adam_update_8bit`` (dequantise -> Adam -> requantise,
+one fused kernel on CUDA), ``quantize_blockwise`` and ``dequantize_blockwise`` (the torch path
+is :mod:`lowrank_optim.quantization`).
 Operations without a Triton kernel (``dct2_fft``, ``dct_scores``, ``rotate_lowrank``,
 ``scatter_add_columns_``, ``decoupled_decay``) are the reference functions themselves.
 """
@@ -19,7 +22,9 @@ Operations without a Triton kernel (``dct2_fft``, ``dct_scores``, ``rotate_lowra
 from lowrank_optim.kernels.dispatch import (
     ENV_VAR,
     adam_update,
+    adam_update_8bit,
     dct_scores_matmul,
+    dequantize_blockwise,
     gather_lowrank,
     indexed_basis,
     project,
@@ -28,6 +33,7 @@ from lowrank_optim.kernels.dispatch import (
     project_back_indexed_update,
     project_back_update,
     project_indexed,
+    quantize_blockwise,
     requested_backend,
     update_param,
     use_triton,
@@ -43,10 +49,12 @@ from lowrank_optim.kernels.reference import (
 __all__ = [
     "ENV_VAR",
     "adam_update",
+    "adam_update_8bit",
     "dct2_fft",
     "dct_scores",
     "dct_scores_matmul",
     "decoupled_decay",
+    "dequantize_blockwise",
     "gather_lowrank",
     "indexed_basis",
     "project",
@@ -55,6 +63,7 @@ __all__ = [
     "project_back_indexed_update",
     "project_back_update",
     "project_indexed",
+    "quantize_blockwise",
     "requested_backend",
     "rotate_lowrank",
     "scatter_add_columns_",

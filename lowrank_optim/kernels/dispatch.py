@@ -47,6 +47,9 @@ _TRITON_MODULES = {
     "gather_lowrank": "triton_dct",
     "indexed_basis": "triton_dct",
     "dct_scores_matmul": "triton_dct",
+    "quantize_blockwise": "triton_quant",
+    "dequantize_blockwise": "triton_quant",
+    "adam_update_8bit": "triton_quant",
 }
 
 
@@ -224,6 +227,48 @@ def adam_update(
     """
     return _impl("adam_update", backend, grad, exp_avg, exp_avg_sq)(
         grad, exp_avg, exp_avg_sq, beta1, beta2, eps, formula, bias_correction2)
+
+
+def adam_update_8bit(
+    grad: torch.Tensor, exp_avg_codes: torch.Tensor, exp_avg_absmax: torch.Tensor,
+    exp_avg_sq_codes: torch.Tensor, exp_avg_sq_absmax: torch.Tensor,
+    beta1: float, beta2: float, eps: float, formula: str = "galore",
+    bias_correction2: float = 1.0, block_size: int = 256, code: str = "dynamic", *,
+    backend: str | None = None,
+) -> torch.Tensor:
+    """:func:`adam_update` on block-wise 8-bit moments (codes + per-block absmax, updated in
+    place; the signed table for the first moment, the unsigned one for the second).
+
+    Dequantise -> moment update -> direction (from the fp32 moments) -> requantise; see
+    :func:`reference.adam_update_8bit`.  Triton fuses it in one pass per block: the fp32
+    moments never exist in memory.  Returns the direction in ``grad``'s dtype.
+    """
+    return _impl("adam_update_8bit", backend, grad, exp_avg_codes, exp_avg_absmax,
+                 exp_avg_sq_codes, exp_avg_sq_absmax)(
+        grad, exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax, beta1, beta2,
+        eps, formula, bias_correction2, block_size, code)
+
+
+# -- block-wise 8-bit quantisation (lowrank_optim.quantization is the specification) ------------
+def quantize_blockwise(
+    x: torch.Tensor, block_size: int = 256, code: str = "dynamic", signed: bool = True, *,
+    out: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(codes uint8 of x.shape, absmax fp32 of ceil(numel / block_size))`` of ``x`` (written
+    into ``out`` when given); see :func:`lowrank_optim.quantization.quantize`."""
+    tensors = (x,) if out is None else (x, *out)
+    return _impl("quantize_blockwise", backend, *tensors)(x, block_size, code, signed, out)
+
+
+def dequantize_blockwise(
+    codes: torch.Tensor, absmax: torch.Tensor, block_size: int = 256, code: str = "dynamic",
+    signed: bool = True, *, out: torch.Tensor | None = None, backend: str | None = None,
+) -> torch.Tensor:
+    """fp32 values of ``codes`` (written into ``out`` when given); see
+    :func:`lowrank_optim.quantization.dequantize`."""
+    tensors = (codes, absmax) if out is None else (codes, absmax, out)
+    return _impl("dequantize_blockwise", backend, *tensors)(
+        codes, absmax, block_size, code, signed, out)
 
 
 def update_param(

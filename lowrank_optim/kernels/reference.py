@@ -12,6 +12,10 @@ from contextlib import contextmanager
 
 import torch
 
+# block-wise 8-bit quantisation: the specification is lowrank_optim.quantization itself
+from lowrank_optim.quantization import dequantize as dequantize_blockwise
+from lowrank_optim.quantization import quantize as quantize_blockwise
+
 
 def project(grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
     """Low-rank image of ``grad``: ``grad @ basis.T`` (right) or ``basis.T @ grad`` (left)."""
@@ -87,6 +91,24 @@ def adam_update(
     else:
         denom = exp_avg_sq.sqrt().add_(eps)
     return torch.div(exp_avg, denom, out=denom)
+
+
+def adam_update_8bit(
+    grad: torch.Tensor, exp_avg_codes: torch.Tensor, exp_avg_absmax: torch.Tensor,
+    exp_avg_sq_codes: torch.Tensor, exp_avg_sq_absmax: torch.Tensor,
+    beta1: float, beta2: float, eps: float, formula: str = "galore",
+    bias_correction2: float = 1.0, block_size: int = 256, code: str = "dynamic",
+) -> torch.Tensor:
+    """:func:`adam_update` on block-wise 8-bit moments, in place: dequantise (signed table for
+    ``M``, unsigned for ``V``) -> fp32 moment update -> direction from the fp32 moments ->
+    requantise into the codes and scales.  Returns the direction in ``grad``'s dtype."""
+    m = dequantize_blockwise(exp_avg_codes, exp_avg_absmax, block_size, code, signed=True)
+    v = dequantize_blockwise(exp_avg_sq_codes, exp_avg_sq_absmax, block_size, code,
+                             signed=False)
+    direction = adam_update(grad, m, v, beta1, beta2, eps, formula, bias_correction2)
+    quantize_blockwise(m, block_size, code, True, out=(exp_avg_codes, exp_avg_absmax))
+    quantize_blockwise(v, block_size, code, False, out=(exp_avg_sq_codes, exp_avg_sq_absmax))
+    return direction.to(grad.dtype)
 
 
 # -- DCT projection (SVD-free subspace selection) ----------------------------------------------

@@ -26,6 +26,22 @@ _ELEMENTWISE_CONFIGS = configs(
 )
 
 
+@triton.jit
+def adam_moments(g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2):
+    """Adam's moment update in fp32 registers: ``(b1 M + (1 - b1) G, b2 V + (1 - b2) G^2)``
+    (shared with the 8-bit kernel of :mod:`lowrank_optim.kernels.triton_quant`)."""
+    return m * beta1 + one_minus_beta1 * g, v * beta2 + one_minus_beta2 * (g * g)
+
+
+@triton.jit
+def adam_direction(m, v, eps, denom_correction, TORCH_FORMULA: tl.constexpr):
+    """``M / (sqrt(V) + eps)``, or ``M / (sqrt(V) / denom_correction + eps)`` (torch formula)."""
+    denom = tl.sqrt_rn(v)
+    if TORCH_FORMULA:
+        denom = tl.div_rn(denom, denom_correction)
+    return tl.div_rn(m, denom + eps)
+
+
 @triton.autotune(_ELEMENTWISE_CONFIGS, key=["numel"], restore_value=["m_ptr", "v_ptr"])
 @triton.jit
 def _adam_kernel(
@@ -38,15 +54,14 @@ def _adam_kernel(
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    m = (m * beta1 + one_minus_beta1 * g).to(m_ptr.dtype.element_ty)
-    v = (v * beta2 + one_minus_beta2 * (g * g)).to(v_ptr.dtype.element_ty)
+    m, v = adam_moments(g, m, v, beta1, one_minus_beta1, beta2, one_minus_beta2)
+    m = m.to(m_ptr.dtype.element_ty)
+    v = v.to(v_ptr.dtype.element_ty)
     tl.store(m_ptr + offs, m, mask=mask)
     tl.store(v_ptr + offs, v, mask=mask)
     # the direction uses the moments as stored (rounded to their dtype), like the reference
-    denom = tl.sqrt_rn(v.to(tl.float32))
-    if TORCH_FORMULA:
-        denom = tl.div_rn(denom, denom_correction)
-    n = tl.div_rn(m.to(tl.float32), denom + eps)
+    n = adam_direction(m.to(tl.float32), v.to(tl.float32), eps, denom_correction,
+                       TORCH_FORMULA)
     tl.store(n_ptr + offs, n.to(n_ptr.dtype.element_ty), mask=mask)
 
 
@@ -66,7 +81,7 @@ def _grid(numel: int):
     return lambda meta: (triton.cdiv(numel, meta["BLOCK"]),)
 
 
-def _inplace(fn, *tensors: torch.Tensor) -> None:
+def inplace(fn, *tensors: torch.Tensor) -> None:
     """Run ``fn`` on contiguous versions of ``tensors`` and copy back any that were copied."""
     flat = [t if t.is_contiguous() else t.contiguous() for t in tensors]
     fn(*flat)
@@ -96,7 +111,7 @@ def adam_update(
             float(eps), math.sqrt(bias_correction2), TORCH_FORMULA=formula == "torch",
         )
 
-    _inplace(run, exp_avg, exp_avg_sq)
+    inplace(run, exp_avg, exp_avg_sq)
     return direction
 
 
@@ -118,4 +133,4 @@ def update_param(
         _update_kernel[_grid(numel)](
             p, direction, numel, float(alpha), 1.0 - float(decay_before), float(decay_after))
 
-    _inplace(run, param)
+    inplace(run, param)

@@ -1,6 +1,9 @@
 """The ``torch.optim.Optimizer`` classes users import."""
 
 from lowrank_optim.optim.base import LowRankOptimizer
-from lowrank_optim.optim.galore import GaLoreAdafactor, GaLoreAdamW
+from lowrank_optim.optim.dct import DCTAdafactor, DCTAdamW
+from lowrank_optim.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
+from lowrank_optim.optim.sst import SSTAdamW
 
-__all__ = ["GaLoreAdafactor", "GaLoreAdamW", "LowRankOptimizer"]
+__all__ = ["DCTAdafactor", "DCTAdamW", "GaLoreAdafactor", "GaLoreAdamW", "GaLoreAdamW8bit",
+           "LowRankOptimizer", "SSTAdamW"]

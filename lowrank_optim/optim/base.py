@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 
+from lowrank_optim import distributed
 from lowrank_optim.core import lowrank_step
 from lowrank_optim.projectors.base import Projector
 from lowrank_optim.rules.base import Rule
@@ -64,6 +65,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.projector = projector
         self.nonfinite = nonfinite
         self.skipped_steps = 0
+        self._track_overlap = False
+        self._overlaps: dict[torch.Tensor, torch.Tensor] = {}
         super().__init__(params, {**PROJECTION_DEFAULTS, **defaults})
 
     # -- construction ---------------------------------------------------------------------
@@ -80,6 +83,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
             check_param(p, label)
             if group["rank"] is not None and p.dim() >= 2:  # 1-D tensors go unprojected
                 self.projector.validate(p, group, label)  # rejects 3-D+ with a clear message
+        # flattened groups (DeepSpeed ZeRO) and unsupported FSDP2 shards raise here, and again
+        # in step(): engines swap the tensors in param_groups after construction
+        distributed.check_group_layout(self, group)
 
     @staticmethod
     def _projects(group: dict, param: torch.Tensor) -> bool:
@@ -100,15 +106,18 @@ class LowRankOptimizer(torch.optim.Optimizer):
         # i.e. gradients near 1e38 / numel, which are broken anyway); it reads each gradient
         # once and writes nothing, about 3x cheaper than isfinite().all().
         # One host sync per device, not per parameter.
-        sums = [p.grad.sum(dtype=torch.float32) for _, _, p in grads]
+        # FSDP2 gradients are checked shard by shard, and the verdict agreed across ranks.
+        sums = [distributed.local_tensor(p.grad).sum(dtype=torch.float32) for _, _, p in grads]
         by_device: dict[torch.device, list[torch.Tensor]] = {}
         for s in sums:
             by_device.setdefault(s.device, []).append(s)
-        if all(bool(torch.stack(v).isfinite().all()) for v in by_device.values()):
+        finite = all(bool(torch.stack(v).isfinite().all()) for v in by_device.values())
+        if distributed.all_ranks_true(finite, (p for _, _, p in grads)):
             return True
-        group, i, p = next(g for g, s in zip(grads, sums, strict=True) if not s.isfinite())
-        message = (f"non-finite (NaN/Inf) gradient in {param_label(group, i, p)}; no parameter "
-                   "or optimizer state was changed.")
+        bad = next((g for g, s in zip(grads, sums, strict=True) if not s.isfinite()), None)
+        where = param_label(*bad) if bad else "a gradient shard held by another rank"
+        message = (f"non-finite (NaN/Inf) gradient in {where}; no parameter or optimizer state "
+                   "was changed.")
         if self.nonfinite == "raise":
             raise RuntimeError(message + " Lower the learning rate, enable gradient clipping, "
                                "or pass nonfinite='skip' to skip such steps.")
@@ -123,6 +132,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        for group in self.param_groups:
+            distributed.check_group_layout(self, group)
         if self.nonfinite != "ignore" and not self._grads_finite():
             return loss
         for group in self.param_groups:
@@ -131,12 +142,50 @@ class LowRankOptimizer(torch.optim.Optimizer):
                     self.step_param(p, group, i)
         return loss
 
-    def step_param(self, param: torch.Tensor, group: dict, index: int = 0) -> None:
-        """Step one parameter (used by :meth:`step` and by layer-wise updates)."""
-        grad = param.grad
+    def step_param(
+        self,
+        param: torch.Tensor,
+        group: dict,
+        index: int = 0,
+        grad: torch.Tensor | None = None,
+        *,
+        projected: bool = False,
+    ) -> None:
+        """Step one parameter (used by :meth:`step` and by layer-wise updates).
+
+        Parameters
+        ----------
+        param, group, index
+            The parameter, its group and its index in ``group["params"]`` (for messages).
+        grad
+            Gradient to use instead of ``param.grad``.
+        projected
+            ``grad`` is already the low-rank gradient of ``param`` in its current subspace
+            (layer-wise gradient accumulation, :mod:`lowrank_optim.layerwise`): no refresh
+            and no projection happen in this step.
+        """
+        grad = param.grad if grad is None else grad
         check_grad(grad, lambda: param_label(group, index, param))
         projector = self.projector if self._projects(group, param) else None
-        lowrank_step(param, grad, self.state[param], group, self.rule, projector)
+        state = self.state[param]
+        if distributed.is_dtensor(param):  # FSDP2 shard: the same step on this rank's rows
+            if projected:
+                raise NotImplementedError(
+                    f"{param_label(group, index, param)}: pre-projected (layer-wise) gradients "
+                    "are not supported for FSDP2-sharded parameters.")
+            distributed.sharded_step(param, grad, state, group, self.rule, projector)
+            return
+        if projector is None or projected or not getattr(self, "_track_overlap", False):
+            lowrank_step(param, grad, state, group, self.rule, projector, projected=projected)
+            return
+        # overlap tracking (off unless a callback asked): keep the old subspace's tensors
+        # (refresh stores new ones) and compare once after a refresh, on the device
+        before, step = projector.subspace(state), int(state.get("step", 0))
+        lowrank_step(param, grad, state, group, self.rule, projector)
+        if before and "refresh_step" in state and int(state["refresh_step"]) == step:
+            value = projector.overlap(before, projector.subspace(state), group)
+            if value is not None:
+                self._overlaps[param] = value.detach()
 
     # -- public API for schedules and callbacks --------------------------------------------
     def request_refresh(self, params: Iterable[torch.Tensor] | None = None) -> None:
@@ -146,6 +195,75 @@ class LowRankOptimizer(torch.optim.Optimizer):
             for p in group["params"]:
                 if self._projects(group, p) and (wanted is None or id(p) in wanted):
                     self.state[p]["refresh_requested"] = torch.tensor(True)
+
+    def track_subspace_overlap(self, enabled: bool = True) -> None:
+        """Record, at each refresh, the overlap between the old and the new subspace.
+
+        Off by default (no cost).  When on, a refresh keeps references to the previous
+        subspace's tensors for one comparison (:meth:`Projector.overlap`, a small matmul on
+        the device); the latest value per parameter is reported by :meth:`subspace_stats`.
+        """
+        self._track_overlap = bool(enabled)
+        if not enabled:
+            self._overlaps.clear()
+
+    @torch.no_grad()
+    def subspace_stats(
+        self, params: Iterable[torch.Tensor] | None = None, *, energy: bool = True
+    ) -> list[dict[str, Any]]:
+        """Diagnostics of the projected parameters (default: all), for schedules and callbacks.
+
+        Parameters
+        ----------
+        params
+            Restrict to these parameters (non-projected ones are ignored).
+        energy
+            Compute ``captured_energy`` from each parameter's current ``.grad`` (one
+            projection and back-projection per parameter; call it while gradients exist,
+            e.g. in a Trainer callback's ``on_pre_optimizer_step``).
+
+        Returns
+        -------
+        list of dict
+            One dict per parameter, in :meth:`projected_params` order, with keys ``name``,
+            ``param`` (the tensor), ``step`` (optimizer steps taken), ``refresh_step`` (step
+            index of the last refresh, ``None`` before any), ``steps_since_refresh`` (steps
+            taken in the current subspace, 1 right after the step that refreshed it; ``None``
+            before the first), ``captured_energy`` (``||P(G)||^2 / ||G||^2`` of ``param.grad``
+            in the current subspace, see :meth:`Projector.captured_energy`; ``None`` without a
+            gradient, a subspace or ``energy=True``) and ``overlap`` (between the last two
+            subspaces, see :meth:`track_subspace_overlap`; ``None`` if not recorded).
+            Values are Python numbers (one host transfer for all of them).
+        """
+        wanted = None if params is None else {id(p) for p in params}
+        rows, pending = [], []
+        overlaps = getattr(self, "_overlaps", {})
+        for name, p, group in self.projected_params():
+            if wanted is not None and id(p) not in wanted:
+                continue
+            state = self.state.get(p, {})
+            has_subspace = bool(state) and self.projector.has_subspace(state)
+            step = int(state["step"]) if "step" in state else 0
+            refresh = int(state["refresh_step"]) if "refresh_step" in state else None
+            row = {
+                "name": name, "param": p, "step": step, "refresh_step": refresh,
+                "steps_since_refresh": step - (refresh or 0) if has_subspace else None,
+                "captured_energy": None, "overlap": None,
+            }
+            if energy and has_subspace and p.grad is not None:
+                pending.append((row, "captured_energy",
+                                self.projector.captured_energy(p.grad, state, group)))
+            if p in overlaps:
+                pending.append((row, "overlap", overlaps[p]))
+            rows.append(row)
+        by_device: dict[torch.device, list[tuple[dict, str, torch.Tensor]]] = {}
+        for item in pending:
+            by_device.setdefault(item[2].device, []).append(item)
+        for items in by_device.values():
+            values = torch.stack([t.float().reshape(()) for _, _, t in items]).tolist()
+            for (row, key, _), value in zip(items, values, strict=True):
+                row[key] = value
+        return rows
 
     def projected_params(self) -> list[tuple[str, torch.Tensor, dict]]:
         """``(name, param, group)`` for every parameter this optimizer projects."""

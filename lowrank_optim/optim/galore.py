@@ -1,4 +1,5 @@
-"""GaLore optimizers: drop-ins for ``galore_torch.GaLoreAdamW`` and ``GaLoreAdafactor``."""
+"""GaLore optimizers: drop-ins for ``galore_torch.GaLoreAdamW``, ``GaLoreAdamW8bit`` and
+``GaLoreAdafactor``."""
 
 from __future__ import annotations
 
@@ -31,6 +32,12 @@ class GaLoreAdamW(LowRankOptimizer):
         weight decay after the update).  ``"torch"``: ``torch.optim.AdamW``'s formula, e.g.
         ``GaLoreAdamW(params, formula="torch", eps=1e-8, weight_decay=1e-2)`` equals
         ``torch.optim.AdamW`` on groups without ``rank``.
+    bits, block_size, code, min_8bit_size
+        Optimizer-state precision (group keys, see :class:`lowrank_optim.rules.Adam`):
+        ``bits=8`` stores the low-rank moments of projected weights and the moments of the
+        other parameters as block-wise 8-bit codes (``block_size`` elements per fp32 absmax,
+        ``"dynamic"`` or ``"linear"`` table); tensors smaller than ``min_8bit_size`` keep
+        32-bit moments.  Default ``bits=32``.
     nonfinite
         ``"raise"`` | ``"skip"`` | ``"ignore"``: see :class:`LowRankOptimizer`.
 
@@ -38,6 +45,7 @@ class GaLoreAdamW(LowRankOptimizer):
     --------
     >>> groups = lowrank_optim.param_groups(model, rank=128, update_proj_gap=200, scale=0.25)
     >>> opt = GaLoreAdamW(groups, lr=1e-2)
+    >>> opt8 = GaLoreAdamW(groups, lr=1e-2, bits=8)  # 8-bit moments
     """
 
     def __init__(
@@ -50,12 +58,101 @@ class GaLoreAdamW(LowRankOptimizer):
         correct_bias: bool = True,
         formula: str = "galore",
         *,
+        bits: int = 32,
+        block_size: int = 256,
+        code: str = "dynamic",
+        min_8bit_size: int = 4096,
         nonfinite: str = "raise",
         no_deprecation_warning: bool = True,  # accepted for galore-torch compatibility
     ) -> None:
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                        correct_bias=correct_bias, formula=formula)
+                        correct_bias=correct_bias, formula=formula, bits=bits,
+                        block_size=block_size, code=code, min_8bit_size=min_8bit_size)
         super().__init__(params, defaults, Adam(), SVDProjector(), nonfinite=nonfinite)
+
+
+class GaLoreAdamW8bit(GaLoreAdamW):
+    """GaLore with 8-bit AdamW state; drop-in for ``galore_torch.GaLoreAdamW8bit``.
+
+    Same signature and defaults as galore-torch's class (bitsandbytes' ``AdamW8bit``):
+    ``torch.optim.AdamW``'s formula (``formula="torch"``: eps after the bias correction,
+    decoupled decay), eps 1e-8, weight decay 1e-2, block-wise 8-bit moments for tensors of at
+    least ``min_8bit_size`` elements (for projected weights: their low-rank moments).  Unlike
+    galore-torch it needs no GPU-only package: the 8-bit step is
+    :func:`lowrank_optim.kernels.adam_update_8bit` (Triton on CUDA, torch elsewhere), and the
+    state is tensors only (resumable with ``torch.load(weights_only=True)``).
+
+    Parameters
+    ----------
+    params
+        Parameters or param groups (groups opt in to GaLore with ``rank``, as for
+        :class:`GaLoreAdamW`).
+    lr, betas, eps, weight_decay
+        AdamW hyper-parameters.
+    amsgrad, percentile_clipping, block_wise, is_paged, args
+        bitsandbytes options, accepted at their defaults only (``False``, 100, ``True``,
+        ``False``, ``None``); other values raise ``ValueError`` (not supported).
+    optim_bits
+        Accepted and ignored, as by galore-torch's class (its state is always 8-bit); use
+        :class:`GaLoreAdamW` for 32-bit state.
+    min_8bit_size
+        Tensors with fewer elements keep 32-bit moments (bitsandbytes' rule).
+    block_size, code
+        Elements per absmax scale (256, as bitsandbytes' block-wise mode) and the table
+        (``"dynamic"`` or ``"linear"``).
+    nonfinite
+        ``"raise"`` | ``"skip"`` | ``"ignore"``: see :class:`LowRankOptimizer`.
+
+    Notes
+    -----
+    For projected weights galore-torch applies the decoupled weight decay after the
+    back-projected update, bitsandbytes (unprojected parameters) before it; here it is applied
+    before the update for both (``torch.optim.AdamW``'s order).  The two orders differ by
+    ``lr * weight_decay`` times the update, a second-order difference.  The 8-bit tables are
+    this library's (:mod:`lowrank_optim.quantization`), not bitsandbytes' bit for bit.
+
+    Examples
+    --------
+    >>> groups = lowrank_optim.param_groups(model, rank=128, update_proj_gap=200, scale=0.25)
+    >>> opt = GaLoreAdamW8bit(groups, lr=1e-2)
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor] | Iterable[dict],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        amsgrad: bool = False,
+        optim_bits: int = 32,
+        args: object = None,
+        min_8bit_size: int = 4096,
+        percentile_clipping: int = 100,
+        block_wise: bool = True,
+        is_paged: bool = False,
+        *,
+        block_size: int = 256,
+        code: str = "dynamic",
+        nonfinite: str = "raise",
+    ) -> None:
+        unsupported = [
+            (amsgrad, False, "amsgrad", "AMSGrad's max-of-V state is not implemented"),
+            (percentile_clipping, 100, "percentile_clipping",
+             "clip gradients before step() instead, e.g. torch.nn.utils.clip_grad_norm_"),
+            (block_wise, True, "block_wise", "only block-wise quantisation is implemented"),
+            (is_paged, False, "is_paged", "paged (CPU-offloaded) state is a bitsandbytes "
+             "CUDA feature"),
+            (args, None, "args", "bitsandbytes' per-parameter config object is not used; pass "
+             "settings as arguments or param-group keys"),
+        ]
+        for value, default, name, hint in unsupported:
+            if value != default:
+                raise ValueError(f"GaLoreAdamW8bit does not support {name}={value!r} (only "
+                                 f"{default!r}): {hint}.")
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         formula="torch", bits=8, block_size=block_size, code=code,
+                         min_8bit_size=min_8bit_size, nonfinite=nonfinite)
 
 
 class GaLoreAdafactor(LowRankOptimizer):

@@ -1,0 +1,218 @@
+"""8-bit vs 32-bit optimizer state: step time, state bytes and update drift, plus bitsandbytes.
+
+For one LLaMA decoder block (q, k, v, o, gate, up, down weights with fixed random gradients),
+each optimizer steps in 32-bit and in 8-bit state (``bits=8``, block 256, dynamic code):
+GaLoreAdamW (rank as in the paper), DCTAdamW (same rank, a new selection every step) and the
+same weights unprojected (plain AdamW through the library's core).  Reported: the median step
+time (no subspace refresh in the GaLore timing: ``update_proj_gap`` 200, steady steps), the
+moment bytes and total state bytes from :func:`lowrank_optim.memory.state_bytes`, and the
+drift of the 8-bit run, ``|dW_8 - dW_32| / |dW_32|`` after a few steps on the same gradients.
+
+bitsandbytes, when installed: ``bitsandbytes.optim.AdamW8bit`` against ``torch.optim.AdamW``
+on the unprojected weights, and galore-torch's ``GaLoreAdamW8bit`` against our 8-bit GaLore,
+each only if it can run on this device (galore-torch's class calls ``torch.cuda.synchronize()``
+every step, so it cannot run on a CPU-only torch: the table says so).  Neither is required.
+
+    python benchmarks/quant8bit.py              # 60m block, writes results/quant8bit_<dev>.md
+    python benchmarks/quant8bit.py --config 350m --repeats 9
+    python benchmarks/quant8bit.py --quick      # fewer repeats, no file written
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+import torch
+from _common import machine, median_time, write_result
+
+import lowrank_optim as lo
+from lowrank_optim.memory import state_bytes
+from lowrank_optim.model_configs import LLAMA_SHAPES
+
+RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+MIB = 2**20
+#: torch.optim.AdamW's settings everywhere, so 32 and 8 bits differ by the state alone
+HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
+
+Maker = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
+
+
+def block_params(config: str, device: str) -> list[torch.nn.Parameter]:
+    """One decoder block's weights with fixed random gradients."""
+    hidden, inter, _, _ = LLAMA_SHAPES[config]
+    shapes = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
+    g = torch.Generator().manual_seed(0)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=g).mul_(0.02).to(device))
+        p.grad = torch.randn(shape, generator=g).to(device)
+        params.append(p)
+    return params
+
+
+def ours(kind: str, rank: int, bits: int) -> Maker:
+    """Our optimizers, ``kind`` in galore / dct / plain, in ``bits``-bit state."""
+    def make(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        if kind == "plain":
+            return lo.GaLoreAdamW(params, formula="torch", bits=bits, **HP)
+        group = [{"params": params, "rank": rank, "scale": 0.25}]
+        if kind == "dct":
+            return lo.DCTAdamW(group, bits=bits, update_proj_gap=1, **HP)
+        group[0]["update_proj_gap"] = 200
+        if bits == 8:
+            return lo.GaLoreAdamW8bit(group, **HP)
+        return lo.GaLoreAdamW(group, formula="torch", **HP)
+    return make
+
+
+def bnb_adamw8bit(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, **HP)
+
+
+def galore_torch_8bit(rank: int) -> Maker:
+    def make(params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+        import galore_torch
+
+        group = [{"params": params, "rank": rank, "update_proj_gap": 200, "scale": 0.25,
+                  "proj_type": "std"}]
+        return galore_torch.GaLoreAdamW8bit(group, **HP)
+    return make
+
+
+def runnable(make: Maker, device: str) -> str | None:
+    """``None`` if ``make``'s optimizer can step on ``device``, else why not (one line)."""
+    try:
+        p = torch.nn.Parameter(torch.randn(256, 128, device=device))
+        p.grad = torch.randn_like(p)
+        make([p]).step()
+    except Exception as e:  # noqa: BLE001 - any failure means "cannot run here"
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+    return None
+
+
+def measure(make: Maker, config: str, device: str, repeats: int, drift_steps: int
+            ) -> dict[str, float]:
+    """Median step seconds, state bytes and the parameters after ``drift_steps`` steps."""
+    params = block_params(config, device)
+    start = [p.detach().clone() for p in params]
+    opt = make(params)
+    for _ in range(drift_steps):
+        opt.step()
+    moved = [p.detach().clone() - s for p, s in zip(params, start, strict=True)]
+    sb = state_bytes(opt)
+    seconds = median_time(opt.step, repeats=repeats, warmup=1)
+    return {"seconds": seconds, "moments": sb.moments + foreign_moment_bytes(opt),
+            "total": sb.total, "moved": moved}
+
+
+#: bitsandbytes' state keys of the two moments (codes or fp32 values, scales, code tables),
+#: which the library's accounting files under "other"
+BNB_MOMENT_KEYS = ("state1", "state2", "absmax1", "absmax2", "qmap1", "qmap2")
+
+
+def foreign_moment_bytes(opt: torch.optim.Optimizer) -> int:
+    """Moment bytes of a bitsandbytes-based optimizer (0 for the others)."""
+    return sum(v.numel() * v.element_size() for s in opt.state.values()
+               for k, v in s.items() if k in BNB_MOMENT_KEYS and isinstance(v, torch.Tensor))
+
+
+def drift(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """``|a - b| / |b|`` over all weights (a: the 8-bit run's change, b: the 32-bit one's)."""
+    num = sum(float((x - y).float().square().sum()) for x, y in zip(a, b, strict=True))
+    den = sum(float(y.float().square().sum()) for y in b)
+    return (num / max(den, 1e-30)) ** 0.5
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", default="60m", choices=sorted(RANKS))
+    ap.add_argument("--repeats", type=int, default=7, help="timed steps (median)")
+    ap.add_argument("--drift-steps", type=int, default=10)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="3 repeats, 3 drift steps, no file")
+    args = ap.parse_args()
+    if args.quick:
+        args.repeats, args.drift_steps = 3, 3
+    rank = RANKS[args.config]
+    print(f"machine: {machine()}")
+    pairs: list[tuple[str, Maker, Maker]] = [
+        (f"GaLoreAdamW r={rank} (vs GaLoreAdamW8bit)", ours("galore", rank, 32),
+         ours("galore", rank, 8)),
+        (f"DCTAdamW r={rank}, bits=8", ours("dct", rank, 32), ours("dct", rank, 8)),
+        ("AdamW, no projection (lowrank_optim core), bits=8", ours("plain", rank, 32),
+         ours("plain", rank, 8)),
+    ]
+    notes = []
+    try:
+        import bitsandbytes  # noqa: F401
+
+        have_bnb = True
+    except Exception as e:  # noqa: BLE001 - missing or broken install: skip it
+        have_bnb = False
+        notes.append(f"bitsandbytes not usable here ({type(e).__name__}): not compared.")
+    if have_bnb:
+        why = runnable(bnb_adamw8bit, args.device)
+        if why is None:
+            pairs.append(("bitsandbytes AdamW8bit vs torch.optim.AdamW, no projection",
+                          lambda ps: torch.optim.AdamW(ps, foreach=False, **HP), bnb_adamw8bit))
+        else:
+            notes.append(f"bitsandbytes AdamW8bit cannot run on {args.device}: {why}")
+        try:
+            import galore_torch  # noqa: F401
+
+            why = runnable(galore_torch_8bit(64), args.device)
+        except Exception as e:  # noqa: BLE001
+            why = f"{type(e).__name__}: {e}"
+        if why is None:
+            pairs.append((f"galore-torch GaLoreAdamW8bit r={rank} (vs our GaLoreAdamW8bit)",
+                          ours("galore", rank, 8), galore_torch_8bit(rank)))
+        else:
+            notes.append(f"galore-torch GaLoreAdamW8bit cannot run on {args.device}: {why} "
+                         "(it calls torch.cuda.synchronize() in every step).")
+
+    lines = [
+        f"Config {args.config}: one decoder block's 7 weight matrices "
+        f"({sum(p.numel() for p in block_params(args.config, 'cpu')) / 1e6:.2f}M parameters), "
+        f"fp32 weights and gradients, {args.device}. AdamW hyper-parameters "
+        f"lr 1e-3, eps 1e-8, weight decay 1e-2 (torch formula). 8-bit: block 256, dynamic code, "
+        f"min_8bit_size 4096. Step time: median of {args.repeats} steps (GaLore: steady steps, "
+        f"no SVD refresh; DCT: a new selection every step, as its default). Drift: "
+        f"|dW_8bit - dW_32bit| / |dW_32bit| after {args.drift_steps} steps on the same fixed "
+        "gradients.",
+        "",
+        "| optimizer | 32-bit ms/step | 8-bit ms/step | time 8/32 | 32-bit moments MiB | "
+        "8-bit moments MiB | moments 8/32 | 32-bit state MiB | 8-bit state MiB | drift |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, make32, make8 in pairs:
+        r32 = measure(make32, args.config, args.device, args.repeats, args.drift_steps)
+        r8 = measure(make8, args.config, args.device, args.repeats, args.drift_steps)
+        d = drift(r8["moved"], r32["moved"])
+        row = (f"| {name} | {r32['seconds'] * 1e3:.2f} | {r8['seconds'] * 1e3:.2f} | "
+               f"{r8['seconds'] / r32['seconds']:.2f} | {r32['moments'] / MIB:.3f} | "
+               f"{r8['moments'] / MIB:.3f} | {r8['moments'] / max(r32['moments'], 1):.4f} | "
+               f"{r32['total'] / MIB:.3f} | {r8['total'] / MIB:.3f} | {d:.2e} |")
+        print(row, flush=True)
+        lines.append(row)
+        del r32, r8
+    lines += ["", "In the galore-torch row the '32-bit' columns are our GaLoreAdamW8bit and the "
+              "'8-bit' ones galore-torch's; its drift is between the two 8-bit runs. Moment "
+              "bytes of galore-torch count its codes, scales and its per-tensor copies of the "
+              "256-entry tables (qmap)."] if any(n.startswith("galore-torch") for n, *_ in pairs) \
+        else []
+    lines += ["", "Notes:"] + [f"- {n}" for n in notes] if notes else []
+    body = "\n".join(lines)
+    print(body.split("\n\n", 1)[0])
+    for n in notes:
+        print("note:", n)
+    if not args.quick:
+        dev = "cpu" if args.device == "cpu" else "gpu"
+        path = write_result(f"quant8bit_{dev}", "8-bit vs 32-bit optimizer state", body)
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,470 @@
+"""The optimizers under ``torch.distributed``: DDP, FSDP2 (sharded DTensor parameters), ZeRO.
+
+What each engine hands the optimizer, and what this module does about it:
+
+* **DDP** (and DeepSpeed ZeRO stage 0 in fp32): every rank holds the whole parameter and the
+  all-reduced gradient, bit-identical on every rank, so a deterministic refresh (SVD, DCT
+  selection) gives every rank the same subspace and nothing needs to be done.  Where the refresh
+  may not be deterministic across ranks (mixed hardware, a nondeterministic SVD backend),
+  :func:`broadcast_refreshes` makes one rank compute each refresh and send it to the others.
+  :func:`check_in_sync` verifies that replicas agree.
+* **FSDP2** (``torch.distributed.fsdp.fully_shard``): parameters and gradients are DTensors
+  sharded on dim 0 (rows).  :meth:`LowRankOptimizer.step_param` sends them to
+  :func:`sharded_step`, which runs the library's one low-rank step on the local rows:
+
+  - a projection on the **right** (it mixes columns, which every shard holds in full: GaLore and
+    DCT when ``rows >= cols``) is local to the shard: ``R_k = G_k P^T``, moments ``m_k x r``
+    (stored as DTensors sharded like the parameter), update ``N_k P``.  Only the refresh needs
+    the whole gradient: it runs on the gathered gradient (``DTensor.full_tensor``, identical on
+    every rank), every ``update_proj_gap`` steps;
+  - a projection on the **left** (it mixes rows, which are split across ranks: ``rows < cols``,
+    ``proj_type="left"`` or ``"full"``) runs on the gathered gradient every step; the low-rank
+    moments are replicated (the same on every rank) and each rank applies the rows of the
+    back-projected update that it owns.  This costs one all-gather of that gradient per step;
+  - unprojected tensors take the elementwise Adam step on their shard.
+
+  The result equals the unsharded step to floating-point rounding.  Unsupported, with an error
+  raised before anything is changed (see :func:`sharding_problem`): inner rules that are not
+  elementwise (Adafactor's factored statistics and RMS scaling span the whole tensor), SST
+  (its columns are renormalised and re-decomposed over whole matrices), DCT error feedback (a
+  full-size residual per weight), 8-bit state (quantised in blocks of the flattened moments),
+  placements other than ``Shard(0)`` on a 1-D mesh.
+* **DeepSpeed ZeRO 1/2/3** hand the optimizer flattened 1-D partitions of all parameters: the
+  matrix structure a projection needs is gone.  A param group that asks for projection (has a
+  ``rank``) but holds only 1-D tensors raises :class:`ValueError` (:func:`check_group_layout`)
+  instead of silently training unprojected AdamW.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import types
+from collections.abc import Callable, Iterable
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.distributed as dist
+
+from lowrank_optim import kernels
+from lowrank_optim.core import lowrank_step
+from lowrank_optim.projectors.base import Projector
+from lowrank_optim.projectors.svd import galore_sides
+from lowrank_optim.validation import param_label
+
+if TYPE_CHECKING:
+    from lowrank_optim.optim.base import LowRankOptimizer
+    from lowrank_optim.rules.base import Rule
+
+try:  # DTensor exists wherever torch.distributed does
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # pragma: no cover - torch built without distributed
+    DTensor = None
+    Shard = None
+
+#: inner rules whose update is elementwise, so a shard's step equals the unsharded one
+ELEMENTWISE_RULES = ("adam",)
+#: projectors that run on row shards (right side locally, left side on the gathered gradient)
+SHARDABLE_PROJECTORS = ("svd", "dct")
+#: why the other projectors do not
+UNSHARDABLE_PROJECTORS = {
+    "sampled": "Sparse Spectral Training renormalises each sampled column of U and V over the "
+               "whole column and re-decomposes whole matrices by SVD, which a row shard cannot "
+               "do. Train SST with DDP (or convert back with lowrank_optim.sst.merge first)",
+}
+#: group option -> (whether its value prevents shard-local steps, why, projected params only)
+UNSHARDABLE_OPTIONS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
+    "error_feedback": (bool, "DCT error feedback keeps a full-size residual per weight; turn it "
+                             "off under FSDP2", True),
+    "bits": (lambda bits: bits is not None and bits < 32,
+             "low-bit optimizer state is quantised in blocks of the flattened moments, which row "
+             "shards would cut differently; use 32-bit state (galore_adamw, dct_adamw) under "
+             "FSDP2", False),
+}
+FLATTENED_MESSAGE = (
+    "this param group asks for low-rank projection (rank={rank}) but holds only 1-D tensors "
+    "({count} of them, e.g. shape {shape}). DeepSpeed ZeRO (stages 1-3) and other engines that "
+    "flatten parameters hand the optimizer 1-D partitions, where no projection is possible, and "
+    "training would silently fall back to plain full-rank updates. Use DDP or FSDP2 for the "
+    "low-rank optimizers (DeepSpeed: ZeRO stage 0 in fp32 keeps parameters intact), or drop "
+    "'rank' from groups that really hold only 1-D tensors."
+)
+
+
+# -- tensors ----------------------------------------------------------------------------------
+def is_dtensor(tensor: Any) -> bool:
+    """Whether ``tensor`` is a ``torch.distributed.tensor.DTensor`` (e.g. an FSDP2 parameter)."""
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
+def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The shard this rank holds of a DTensor; any other tensor unchanged."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def is_distributed() -> bool:
+    """Whether a default process group is up."""
+    return dist.is_available() and dist.is_initialized()
+
+
+def local_view(optimizer: torch.optim.Optimizer) -> Any:
+    """``optimizer`` as seen by this rank: DTensor parameters and state replaced by their local
+    shards (a read-only stand-in with ``state``, ``param_groups`` and ``projector``), so
+    :func:`lowrank_optim.memory.state_bytes` counts the bytes this rank holds.  ``optimizer``
+    itself when nothing is sharded.
+    """
+    if not any(is_dtensor(p) for g in optimizer.param_groups for p in g["params"]):
+        return optimizer
+    return types.SimpleNamespace(
+        state={i: {k: local_tensor(v) for k, v in s.items()}
+               for i, s in enumerate(optimizer.state.values())},
+        param_groups=[{**g, "params": [local_tensor(p) for p in g["params"]]}
+                      for g in optimizer.param_groups],
+        projector=getattr(optimizer, "projector", None),
+    )
+
+
+def digest(tensors: Iterable[torch.Tensor]) -> str:
+    """SHA-256 of the bytes of ``tensors`` (local shards of DTensors), in order.
+
+    Equal digests on two ranks mean bit-identical tensors; used to check that DDP replicas (or
+    their subspaces) agree.
+    """
+    h = hashlib.sha256()
+    for t in tensors:
+        t = local_tensor(t).detach().cpu()
+        h.update(str((tuple(t.shape), str(t.dtype))).encode())
+        h.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def subspace_tensors(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every ``proj_*`` state tensor (bases, indices), in parameter order."""
+    out = []
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            out += [state[k] for k in sorted(state) if k.startswith("proj")
+                    and isinstance(state[k], torch.Tensor)]
+    return out
+
+
+def check_in_sync(
+    model: torch.nn.Module | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> str:
+    """Raise ``RuntimeError`` unless every rank holds bit-identical parameters / subspaces.
+
+    For replicated training (DDP).  Returns the digest (the same on every rank).  Without a
+    process group it only computes the digest.
+    """
+    tensors: list[torch.Tensor] = []
+    if model is not None:
+        tensors += [p for p in model.parameters()]
+    if optimizer is not None:
+        tensors += subspace_tensors(optimizer)
+    mine = digest(tensors)
+    if not is_distributed():
+        return mine
+    every: list[str] = [""] * dist.get_world_size(group)
+    dist.all_gather_object(every, mine, group=group)
+    if len(set(every)) != 1:
+        what = " and ".join(n for n, x in (("parameters", model), ("subspaces", optimizer)) if x)
+        raise RuntimeError(f"Ranks disagree on their {what}: digests {every}. With DDP this "
+                           "means a nondeterministic refresh; see "
+                           "lowrank_optim.distributed.broadcast_refreshes.")
+    return mine
+
+
+def _broadcast_(tensor: torch.Tensor, src: int, group: dist.ProcessGroup | None,
+                device: torch.device) -> None:
+    """In-place broadcast that also works for CPU state tensors under NCCL."""
+    if tensor.device == device and tensor.is_contiguous():
+        dist.broadcast(tensor, src, group=group)
+        return
+    buf = tensor.to(device=device, memory_format=torch.contiguous_format)
+    dist.broadcast(buf, src, group=group)
+    tensor.copy_(buf)
+
+
+# -- refresh on one rank, broadcast to the others -----------------------------------------------
+class BroadcastRefresh(Projector):
+    """A projector whose refreshes are computed on rank ``src`` and broadcast to the others.
+
+    On replicated state (DDP) the source rank runs the refresh, then sends the parameter's whole
+    optimizer state (the new subspace and anything the refresh changed, such as rotated
+    moments) and the low-rank gradient it may return; the other ranks skip the computation.
+    Under FSDP2 :func:`sharded_step` makes every rank refresh from the same gathered gradient and
+    broadcasts only the replicated entries.  Everything else is delegated to the wrapped
+    projector.  Install with :func:`broadcast_refreshes`.
+    """
+
+    def __init__(self, inner: Projector, src: int = 0,
+                 group: dist.ProcessGroup | None = None) -> None:
+        self.inner = inner
+        self.src = src
+        self.group = group
+        self.name = inner.name
+
+    def __getattr__(self, name: str) -> Any:  # projector-specific API (e.g. SST's select)
+        if name == "inner":
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+    def refresh(self, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+        if not is_distributed():
+            return self.inner.refresh(grad, state, group)
+        return self.refresh_from_src(grad, state, group, self.src, self.group)
+
+    def refresh_from_src(self, grad: torch.Tensor, state: dict, group: dict, src: int,
+                         pg: dist.ProcessGroup | None) -> torch.Tensor | None:
+        """Refresh on ``src`` only; send every state tensor and the returned tensor."""
+        out = None
+        meta: list[Any] = [None]
+        if dist.get_rank() == src:
+            out = self.inner.refresh(grad, state, group)
+            meta[0] = ([(k, v.dtype, tuple(v.shape)) for k, v in sorted(state.items())
+                        if isinstance(v, torch.Tensor)],
+                       None if out is None else (out.dtype, tuple(out.shape)))
+        dist.broadcast_object_list(meta, src=src, group=pg)
+        entries, out_meta = meta[0]
+        keys = {k for k, _, _ in entries}
+        for key in [k for k, v in state.items() if isinstance(v, torch.Tensor) and k not in keys]:
+            del state[key]
+        for key, dtype, shape in entries:
+            have = state.get(key)
+            if not (isinstance(have, torch.Tensor) and have.dtype == dtype
+                    and tuple(have.shape) == shape):
+                state[key] = torch.empty(shape, dtype=dtype, device=grad.device)
+            _broadcast_(state[key], src, pg, grad.device)
+        if out_meta is not None:
+            if out is None:
+                out = torch.empty(out_meta[1], dtype=out_meta[0], device=grad.device)
+            _broadcast_(out, src, pg, grad.device)
+        return out
+
+    def broadcast_keys(self, state: dict, keys: Iterable[str], src: int,
+                       pg: dist.ProcessGroup | None, device: torch.device) -> None:
+        """Send ``state[key]`` for ``keys`` from ``src`` (every rank already holds them)."""
+        for key in sorted(keys):
+            _broadcast_(state[key], src, pg, device)
+
+    def has_subspace(self, state: dict) -> bool:
+        return self.inner.has_subspace(state)
+
+    def project(self, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        return self.inner.project(grad, state, group)
+
+    def project_back(self, low: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        return self.inner.project_back(low, state, group)
+
+    def apply(self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict,
+              group: dict) -> None:
+        self.inner.apply(param, low, alpha, state, group)
+
+    def apply_update(self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict,
+                     group: dict, decay_before: float = 0.0, decay_after: float = 0.0) -> None:
+        self.inner.apply_update(param, low, alpha, state, group, decay_before, decay_after)
+
+    def validate(self, param: torch.Tensor, group: dict, label: str) -> None:
+        self.inner.validate(param, group, label)
+
+    def shared_buffers(self) -> list[torch.Tensor]:
+        return self.inner.shared_buffers()
+
+    def captured_energy(self, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        return self.inner.captured_energy(grad, state, group)
+
+    def overlap(self, old: dict, new: dict, group: dict) -> torch.Tensor | None:
+        return self.inner.overlap(old, new, group)
+
+
+def broadcast_refreshes(
+    optimizer: LowRankOptimizer, src: int = 0, group: dist.ProcessGroup | None = None
+) -> LowRankOptimizer:
+    """Make ``optimizer`` compute each subspace refresh on rank ``src`` and broadcast it.
+
+    Not needed for correctness when the refresh is deterministic (DDP all-reduces gradients, so
+    every rank refreshes from the same bits); use it when ranks may run different hardware or
+    a nondeterministic SVD.  Costs one small object broadcast plus one tensor broadcast per
+    state entry per refreshed parameter, at refresh steps only; other ranks skip the SVD.
+    Returns ``optimizer`` (changed in place; calling twice is a no-op).
+    """
+    if not isinstance(optimizer.projector, BroadcastRefresh):
+        optimizer.projector = BroadcastRefresh(optimizer.projector, src, group)
+    return optimizer
+
+
+# -- layout checks (DeepSpeed flattening, FSDP2 sharding) ---------------------------------------
+def _sides(param: torch.Tensor, group: dict) -> tuple[str, ...]:
+    return galore_sides(tuple(param.shape), group.get("proj_type", "std"))
+
+
+def sharding_problem(optimizer: LowRankOptimizer, group: dict, param: torch.Tensor) -> str | None:
+    """Why ``optimizer`` cannot step the DTensor ``param`` of ``group`` shard-locally, or None."""
+    placements = tuple(param.placements)
+    if param.device_mesh.ndim != 1 or placements != (Shard(0),):
+        return (f"placements {placements} on a {param.device_mesh.ndim}-D mesh are not "
+                "supported; only FSDP2's default layout (Shard(0) on a 1-D mesh) is")
+    rule = getattr(optimizer.rule, "name", type(optimizer.rule).__name__)
+    if rule not in ELEMENTWISE_RULES:
+        return (f"{type(optimizer).__name__}'s inner rule {rule!r} is not elementwise (its "
+                "statistics span the whole tensor), so its update on a shard would differ from "
+                "the unsharded one; use an Adam-based optimizer (galore_adamw, dct_adamw, adamw) "
+                "with FSDP2, or DDP")
+    projects = optimizer._projects(group, param)
+    for key, (prevents, why, projected_only) in UNSHARDABLE_OPTIONS.items():
+        if key in group and prevents(group[key]) and (projects or not projected_only):
+            return f"{key}={group[key]!r} is not supported under FSDP2: {why}"
+    if not projects:
+        return None
+    projector = optimizer.projector
+    name = projector.name
+    if name not in SHARDABLE_PROJECTORS:
+        why = UNSHARDABLE_PROJECTORS.get(name, "it has no shard-local implementation")
+        return f"{type(optimizer).__name__} (projector {name!r}) does not support FSDP2: {why}"
+    if (isinstance(projector, BroadcastRefresh) and group.get("rotate_moments")
+            and _sides(param, group) == ("right",)):
+        return ("rotate_moments with broadcast_refreshes under FSDP2 would rotate each rank's "
+                "moment shard by its own selection; use one of the two")
+    return None
+
+
+def check_group_layout(optimizer: LowRankOptimizer, group: dict) -> None:
+    """Raise if ``group``'s tensors cannot be stepped as configured.
+
+    * ``ValueError`` for a group with ``rank`` holding only 1-D tensors (flattened by DeepSpeed
+      ZeRO or a similar engine): the projection would silently not happen.
+    * ``NotImplementedError`` for a DTensor parameter that :func:`sharding_problem` rejects.
+    """
+    params = group["params"]
+    if group.get("rank") is not None and params and all(p.dim() < 2 for p in params):
+        raise ValueError(FLATTENED_MESSAGE.format(rank=group["rank"], count=len(params),
+                                                  shape=tuple(params[0].shape)))
+    for i, p in enumerate(params):
+        if is_dtensor(p):
+            problem = sharding_problem(optimizer, group, p)
+            if problem:
+                raise NotImplementedError(f"{param_label(group, i, p)}: {problem}.")
+
+
+def all_ranks_true(flag: bool, params: Iterable[torch.Tensor]) -> bool:
+    """``flag`` AND-ed over the ranks when some of ``params`` are DTensors (sharded gradients
+    are checked shard by shard); ``flag`` itself otherwise (replicated gradients agree)."""
+    sharded = next((p for p in params if is_dtensor(p)), None)
+    if sharded is None:
+        return flag
+    t = torch.tensor(int(flag), device=local_tensor(sharded).device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN, group=sharded.device_mesh.get_group())
+    return bool(t)
+
+
+# -- FSDP2: one step on the local rows ----------------------------------------------------------
+class _RowShard(Projector):
+    """Runs a projector for a row-sharded weight; see the module docstring.
+
+    ``gathered=False`` (right side): ``grad`` given to the core is the local shard; the refresh
+    gathers the whole gradient.  ``gathered=True`` (left / both sides): ``grad`` is the gathered
+    gradient; the update is back-projected in full and this rank's rows are applied.
+    """
+
+    def __init__(self, inner: Projector, dgrad: torch.Tensor, rows: slice, gathered: bool,
+                 src: int, pg: dist.ProcessGroup) -> None:
+        self.bcast = inner if isinstance(inner, BroadcastRefresh) else None
+        self.inner = inner.inner if self.bcast is not None else inner
+        self.name = self.inner.name
+        self.dgrad, self.rows, self.gathered, self.src, self.pg = dgrad, rows, gathered, src, pg
+
+    def has_subspace(self, state: dict) -> bool:
+        return self.inner.has_subspace(state)
+
+    def refresh(self, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor | None:
+        if self.gathered:  # the whole state is replicated: refresh as unsharded
+            if self.bcast is not None:
+                return self.bcast.refresh_from_src(grad, state, group, self.src, self.pg)
+            return self.inner.refresh(grad, state, group)
+        full = self.dgrad.full_tensor()  # the same bits on every rank
+        low = self.inner.refresh(full, state, group)
+        if self.bcast is not None:  # moments are shards: send only the replicated entries
+            keys = [k for k, v in state.items()
+                    if isinstance(v, torch.Tensor) and not _row_sharded(k, self.gathered)]
+            self.bcast.broadcast_keys(state, keys, self.src, self.pg, grad.device)
+            if low is not None:
+                _broadcast_(low, self.src, self.pg, low.device)
+        # a right-side low-rank gradient (m x r) has the weight's rows: keep this rank's
+        return None if low is None else low[self.rows]
+
+    def project(self, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        return self.inner.project(grad, state, group)
+
+    def project_back(self, low: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
+        full = self.inner.project_back(low, state, group)
+        return full[self.rows] if self.gathered else full
+
+    def apply(self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict,
+              group: dict) -> None:
+        self.apply_update(param, low, alpha, state, group)
+
+    def apply_update(self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict,
+                     group: dict, decay_before: float = 0.0, decay_after: float = 0.0) -> None:
+        if not self.gathered:
+            self.inner.apply_update(param, low, alpha, state, group, decay_before, decay_after)
+            return
+        rows = self.inner.project_back(low, state, group)[self.rows]
+        kernels.update_param(param, rows, alpha, decay_before, decay_after)
+
+
+def _row_sharded(key: str, gathered: bool) -> bool:
+    """State entries split by rows like the parameter: the moments of a shard-local step."""
+    return not gathered and key.startswith("exp_")
+
+
+def _as_row_dtensor(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    shape = (param.shape[0], *local.shape[1:])
+    stride = torch.empty(shape, device="meta").stride()
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=torch.Size(shape), stride=stride)
+
+
+def sharded_step(
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict,
+    group: dict,
+    rule: Rule,
+    projector: Projector | None,
+) -> None:
+    """One optimizer step for a DTensor parameter sharded on dim 0 (FSDP2), on this rank's rows.
+
+    ``state`` keeps the moments of shard-local steps as DTensors sharded like ``param`` (so
+    ``torch.distributed.checkpoint`` saves and reshards them); replicated entries (bases,
+    indices, counters, the moments of gathered steps) are plain tensors, equal on every rank.
+    """
+    mesh = param.device_mesh
+    pg = mesh.get_group()
+    if not is_dtensor(grad):
+        raise RuntimeError(f"parameter is a DTensor but its gradient is a {type(grad).__name__}")
+    if tuple(grad.placements) != tuple(param.placements):
+        grad = grad.redistribute(mesh, param.placements)
+    sides = _sides(param, group) if projector is not None else ()
+    gathered = bool(sides) and sides != ("right",)
+    originals = {k: v.to_local() for k, v in state.items() if is_dtensor(v)}
+    local_state = {k: originals.get(k, v) for k, v in state.items()}
+    step_grad = grad.to_local()
+    if projector is not None:
+        size, offset = Shard.local_shard_size_and_offset(param.shape[0], mesh.size(),
+                                                         mesh.get_local_rank())
+        src = dist.get_global_rank(pg, 0)
+        projector = _RowShard(projector, grad, slice(offset, offset + size), gathered, src, pg)
+        group = {**group, "proj_type": sides[0] if len(sides) == 1 else "full"}
+        if gathered:
+            step_grad = grad.full_tensor()
+    lowrank_step(param.to_local(), step_grad, local_state, group, rule, projector)
+    for key in [k for k in state if k not in local_state]:
+        del state[key]
+    for key, value in local_state.items():
+        if key in originals and originals[key] is value:
+            continue  # updated in place
+        if isinstance(value, torch.Tensor) and value.dim() and _row_sharded(key, gathered):
+            value = _as_row_dtensor(value, param)
+        state[key] = value

@@ -1,0 +1,362 @@
+"""8-bit optimizer state (``bits=8``): validation, GaLoreAdamW8bit, exact bytes, resume, tracking.
+
+The tracking runs train the tiny LLaMA on ``token_batches`` with every moment quantised
+(``min_8bit_size=0``, so the low-rank moments of the projected weights too, not only the
+embeddings) and compare the 10-step moving average of the loss with the 32-bit run of the same
+optimizer on the same data.  Stated margin: :data:`MARGIN` at every step.  Measured (2 CPU
+cores, torch 2.13, 100 steps, final smoothed loss about 0.27): largest gap 0.0026 for
+GaLoreAdamW and 0.0032 for DCTAdamW (0.006 over 150 steps), against 1.6 for a 32-bit GaLore
+run at half the learning rate.  About 50 s per optimizer on a loaded 2-core machine.
+"""
+
+import copy
+import inspect
+import io
+import math
+
+import pytest
+import torch
+from conftest import lm_loss, tiny_llama, token_batches
+
+import lowrank_optim as lo
+from lowrank_optim import quantization as q
+from lowrank_optim.memory import state_bytes
+from lowrank_optim.profile import profile
+
+STEPS = 100
+MARGIN = 0.03
+SMOOTH = 10
+BLOCK = 256
+
+
+def _run(model, opt, batches) -> list[float]:
+    losses = []
+    for ids in batches:
+        opt.zero_grad()
+        loss = lm_loss(model, ids)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def _roundtrip(obj):
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def _galore(bits: int, **kw):
+    return lambda m: lo.GaLoreAdamW(lo.param_groups(m, rank=8, update_proj_gap=50, scale=0.25),
+                                    lr=3e-3, bits=bits, min_8bit_size=0, **kw)
+
+
+def _dct(bits: int, **kw):
+    # rotate_moments=False: see test_dct_rotation_reaches_quantized_moments
+    return lambda m: lo.DCTAdamW(lo.param_groups(m, rank=8, update_proj_gap=1, scale=0.25),
+                                 lr=3e-3, bits=bits, min_8bit_size=0, rotate_moments=False, **kw)
+
+
+def _moment_keys(opt) -> set[str]:
+    return {k for s in opt.state.values() for k in s if k.startswith("exp_")}
+
+
+# -- validation ----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [(dict(bits=16), "bits=16"), (dict(bits=True), "bits=True"), (dict(block_size=0),
+     "block_size=0"), (dict(block_size=2.5), "block_size=2.5"), (dict(code="fp8"), "code='fp8'"),
+     (dict(min_8bit_size=-1), "min_8bit_size=-1")],
+)
+@pytest.mark.parametrize("cls", [lo.GaLoreAdamW, lo.DCTAdamW, lo.SSTAdamW, lo.GaLoreAdamW8bit])
+def test_bad_settings_raise_naming_the_key(cls, kw, needle):
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    if cls is lo.GaLoreAdamW8bit and "bits" in kw:  # not an argument there: use a group key
+        with pytest.raises(ValueError, match=needle):
+            cls([{"params": [w], **kw}])
+        return
+    with pytest.raises(ValueError, match=needle):
+        cls([w], **kw)
+    with pytest.raises(ValueError, match=needle):  # as a param-group key too
+        cls([{"params": [w], **kw}])
+
+
+def test_galore_adamw8bit_signature_matches_galore_torch():
+    adamw8bit = pytest.importorskip("galore_torch.adamw8bit", exc_type=ImportError)
+    ref = inspect.signature(adamw8bit.AdamW8bit).parameters
+    ours = inspect.signature(lo.GaLoreAdamW8bit).parameters
+    positional = [p for p in ours.values() if p.kind is not inspect.Parameter.KEYWORD_ONLY]
+    assert [p.name for p in positional] == list(ref)
+    for p in positional[1:]:
+        assert p.default == ref[p.name].default, p.name
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [(dict(amsgrad=True), "amsgrad=True"), (dict(percentile_clipping=5), "percentile_clipping=5"),
+     (dict(block_wise=False), "block_wise=False"), (dict(is_paged=True), "is_paged=True"),
+     (dict(args=object()), "args=")],
+)
+def test_galore_adamw8bit_rejects_unsupported_bitsandbytes_options(kw, needle):
+    w = torch.nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=f"does not support {needle}"):
+        lo.GaLoreAdamW8bit([w], **kw)
+
+
+def test_galore_adamw8bit_defaults():
+    w = torch.nn.Parameter(torch.randn(128, 64))
+    opt = lo.GaLoreAdamW8bit([{"params": [w], "rank": 16}], optim_bits=32)  # ignored, as there
+    g = opt.param_groups[0]
+    assert (g["bits"], g["formula"], g["eps"], g["weight_decay"], g["block_size"]) == (
+        8, "torch", 1e-8, 1e-2, 256)
+    assert isinstance(opt, lo.GaLoreAdamW)
+
+
+# -- the step ------------------------------------------------------------------------------------
+def test_first_step_equals_32bit_and_moments_within_bound():
+    """From zero moments the direction comes from the fp32 moments before requantisation, so
+    the first step is bit-identical to 32-bit; the stored moments are within the bound."""
+    params32 = [torch.nn.Parameter(torch.randn(96, 64, generator=torch.Generator().manual_seed(i)))
+                for i in range(2)]
+    params8 = [torch.nn.Parameter(p.detach().clone()) for p in params32]
+
+    def make(ps, bits):
+        return lo.GaLoreAdamW([{"params": ps[:1], "rank": 16}, {"params": ps[1:]}], lr=1e-2,
+                              weight_decay=0.1, bits=bits, block_size=64, min_8bit_size=0)
+
+    opt32, opt8 = make(params32, 32), make(params8, 8)
+    for p32, p8 in zip(params32, params8, strict=True):
+        p32.grad = torch.randn(p32.shape)
+        p8.grad = p32.grad.clone()
+    opt32.step()
+    opt8.step()
+    for p32, p8 in zip(params32, params8, strict=True):
+        assert torch.equal(p32, p8)
+        s32, s8 = opt32.state[p32], opt8.state[p8]
+        assert "exp_avg" not in s8 and s8["exp_avg_codes"].dtype == torch.uint8
+        for name in ("exp_avg", "exp_avg_sq"):
+            signed = q.is_signed(name)
+            absmax = s8[name + "_absmax"]
+            got = q.dequantize(s8[name + "_codes"], absmax, 64, signed=signed)
+            per_elem = absmax.repeat_interleave(64)[: got.numel()].view(got.shape)
+            assert torch.all((got - s32[name]).abs() <= q.error_bound(s32[name], per_elem,
+                                                                       "dynamic", signed))
+
+
+def test_small_tensors_keep_32bit_state_and_formats_are_kept():
+    big, small = torch.nn.Parameter(torch.randn(80, 64)), torch.nn.Parameter(torch.randn(64))
+    opt = lo.GaLoreAdamW([big, small], bits=8)  # min_8bit_size 4096: 5120 vs 64 elements
+    big.grad, small.grad = torch.randn(80, 64), torch.randn(64)
+    opt.step()
+    assert set(opt.state[big]) == {"step", "exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes",
+                                   "exp_avg_sq_absmax"}
+    assert set(opt.state[small]) == {"step", "exp_avg", "exp_avg_sq"}
+    assert opt.state[big]["exp_avg_absmax"].shape == (math.ceil(5120 / BLOCK),)
+    # a state keeps its format: switching the group to 32 bits later changes nothing
+    opt.param_groups[0]["bits"] = 32
+    opt.step()
+    assert "exp_avg_codes" in opt.state[big]
+    opt.param_groups[0]["block_size"] = 100  # but a mismatched block size is caught
+    with pytest.raises(ValueError, match="block_size=100"):
+        opt.step()
+
+
+def test_bf16_parameters_with_8bit_state():
+    w = torch.nn.Parameter(torch.randn(96, 64, dtype=torch.bfloat16))
+    b = torch.nn.Parameter(torch.randn(64, 64, dtype=torch.bfloat16))
+    opt = lo.GaLoreAdamW([{"params": [w], "rank": 16}, {"params": [b]}], lr=1e-2, bits=8,
+                         min_8bit_size=0)
+    before = [w.detach().clone(), b.detach().clone()]
+    for _ in range(2):
+        w.grad, b.grad = torch.randn_like(w), torch.randn_like(b)
+        opt.step()
+    for p, p0 in zip((w, b), before, strict=True):
+        state = opt.state[p]
+        assert p.dtype == torch.bfloat16 and not torch.equal(p, p0) and p.isfinite().all()
+        assert state["exp_avg_codes"].dtype == torch.uint8
+        assert state["exp_avg_sq_absmax"].dtype == torch.float32
+
+
+def test_dequantized_context_shows_fp32_moments_and_requantizes():
+    w = torch.nn.Parameter(torch.randn(64, 48))
+    opt = lo.GaLoreAdamW([w], bits=8, block_size=64, min_8bit_size=0)
+    w.grad = torch.randn(64, 48)
+    opt.step()
+    state, group = opt.state[w], opt.param_groups[0]
+    before = q.dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], 64)
+    with q.dequantized(state, group) as s:
+        assert torch.equal(s["exp_avg"], before) and s["exp_avg_sq"].dtype == torch.float32
+        s["exp_avg"].copy_(s["exp_avg"].flip(1))  # e.g. a permutation of the rank slots
+    assert "exp_avg" not in state and "exp_avg_sq" not in state
+    after = q.dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], 64)
+    per_elem = state["exp_avg_absmax"].repeat_interleave(64).view(64, 48)
+    assert torch.all((after - before.flip(1)).abs()
+                     <= q.error_bound(before.flip(1), per_elem, "dynamic", True))
+    plain = {"exp_avg": torch.ones(3)}
+    with q.dequantized(plain, group) as s:  # nothing quantised: untouched
+        assert s is plain
+    assert torch.equal(plain["exp_avg"], torch.ones(3))
+
+
+@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
+    "DCTProjector._rotate_moments rotates float exp_* tensors only; it needs its rotation "
+    "wrapped in `with quantization.dequantized(state, group):` (lowrank_optim/projectors/dct.py, "
+    "not part of the 8-bit change). Remove this marker once it is."))
+def test_dct_rotation_reaches_quantized_moments():
+    """With rotate_moments, 8-bit moments follow the frequencies like 32-bit ones."""
+    from lowrank_optim.projectors import dct_matrix
+
+    basis = dct_matrix(16)
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(64, 4, generator=g) @ basis[[0, 1, 2, 3]],
+             torch.randn(64, 4, generator=g) @ basis[[2, 3, 4, 5]]]
+    states = {}
+    for bits in (32, 8):
+        w = torch.nn.Parameter(torch.zeros(64, 16))
+        opt = lo.DCTAdamW([{"params": [w], "rank": 4}], bits=bits, min_8bit_size=0,
+                          block_size=64)
+        for grad in grads:
+            w.grad = grad.clone()
+            opt.step()
+        assert opt.state[w]["proj_idx"].tolist() == [2, 3, 4, 5]
+        states[bits] = opt.state[w]
+    want = states[32]["exp_avg"]
+    got = q.dequantize(states[8]["exp_avg_codes"], states[8]["exp_avg_absmax"], 64)
+    assert (got - want).abs().max() <= 0.05 * want.abs().max()
+
+
+# -- memory: exact bytes -------------------------------------------------------------------------
+def _expected_moment_bytes(opt) -> int:
+    """Codes + fp32 scales per quantised moment, 4 bytes per element for the others."""
+    total = 0
+    for state in opt.state.values():
+        for key, value in state.items():
+            if key.endswith("_codes"):
+                total += value.numel() + 4 * math.ceil(value.numel() / BLOCK)
+            elif key in ("exp_avg", "exp_avg_sq"):
+                total += 4 * value.numel()
+    return total
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "dct_adamw"])
+def test_8bit_moment_bytes_are_exact_and_about_a_quarter(name):
+    model = tiny_llama()
+    batches = token_batches(1)
+    opts = {}
+    for bits in (32, 8):
+        m = copy.deepcopy(model)
+        opts[bits] = lo.create_optimizer(m, name, rank=8, bits=bits, min_8bit_size=0)
+        _run(m, opts[bits], batches)
+    b32, b8 = state_bytes(opts[32]), state_bytes(opts[8])
+    numels = [v.numel() for s in opts[32].state.values() for k, v in s.items()
+              if k.startswith("exp_")]
+    assert b32.moments == 4 * sum(numels)
+    # exact: numel + 4 * ceil(numel / block) per quantised moment, from the shapes alone
+    assert b8.moments == sum(n + 4 * math.ceil(n / BLOCK) for n in numels)
+    assert b8.moments == _expected_moment_bytes(opts[8])
+    assert 0.25 < b8.moments / b32.moments < 0.26
+    assert (b8.projectors, b8.indices, b8.other) == (b32.projectors, b32.indices, b32.other)
+    assert _moment_keys(opts[8]) == {"exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes",
+                                     "exp_avg_sq_absmax"}
+
+
+def test_profiler_reports_the_exact_8bit_bytes():
+    """The analytic (meta-device) profile counts what the real optimizer holds, byte for byte."""
+    model = tiny_llama()
+    opt = lo.create_optimizer(model, "galore_adamw8bit", rank=8)
+    _run(model, opt, token_batches(1))
+    measured = state_bytes(opt)
+    assert measured.moments == _expected_moment_bytes(opt)
+    assert any(k.endswith("_codes") for s in opt.state.values() for k in s)  # not vacuous
+    analytic = profile("tiny", "galore_adamw8bit", rank=8, mode="analytic", seq_len=16,
+                       precision="fp32")
+    assert analytic.moments == measured.moments
+    assert analytic.optimizer_state == measured.total
+
+
+# -- resume --------------------------------------------------------------------------------------
+RESUMABLE = {
+    "galore_adamw8bit": lambda m: lo.GaLoreAdamW8bit(
+        lo.param_groups(m, rank=8, update_proj_gap=5, scale=0.25), lr=3e-3, min_8bit_size=0,
+        block_size=64),
+    "dct_adamw_bits8": lambda m: lo.DCTAdamW(
+        lo.param_groups(m, rank=8, update_proj_gap=1, scale=0.25), lr=3e-3, bits=8,
+        min_8bit_size=0),
+}
+
+
+@pytest.mark.parametrize("name", sorted(RESUMABLE))
+def test_8bit_resume_is_bit_exact(name):
+    make = RESUMABLE[name]
+    batches = token_batches(12, seed=3)
+    model = tiny_llama(seed=1)
+    resumed_model = copy.deepcopy(model)
+    opt = make(model)
+    _run(model, opt, batches)
+    first = make(resumed_model)
+    _run(resumed_model, first, batches[:6])
+    model_sd = _roundtrip(resumed_model.state_dict())
+    opt_sd = _roundtrip(first.state_dict())
+    for state in opt_sd["state"].values():
+        assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert any(v.dtype == torch.uint8 for s in opt_sd["state"].values() for v in s.values())
+    fresh_model = tiny_llama(seed=99)
+    fresh_model.load_state_dict(model_sd)
+    fresh = make(fresh_model)
+    fresh.load_state_dict(opt_sd)
+    _run(fresh_model, fresh, batches[6:])
+    for (n, a), b in zip(model.named_parameters(), fresh_model.parameters(), strict=True):
+        assert torch.equal(a, b), f"{n} differs after resume"
+    for sa, sb in zip(opt.state.values(), fresh.state.values(), strict=True):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+# -- registry --------------------------------------------------------------------------------------
+def test_registry_names_and_bits_keyword():
+    model = tiny_llama()
+    opt = lo.create_optimizer(model, "galore_adamw8bit", rank=8)
+    assert type(opt) is lo.GaLoreAdamW8bit
+    opt = lo.create_optimizer(model, "dct_adamw8bit", rank=8, lr=1e-3)
+    assert type(opt) is lo.DCTAdamW and {g["bits"] for g in opt.param_groups} == {8}
+    assert opt.param_groups[0]["update_proj_gap"] == 1  # the DCT defaults
+    opt = lo.create_optimizer(model, "galore_adamw", rank=8, bits=8)
+    assert {g["bits"] for g in opt.param_groups} == {8}
+
+
+def test_sst_adamw_with_8bit_state_trains():
+    model = tiny_llama()
+    opt = lo.create_optimizer(model, "sst_adamw", rank=8, bits=8, min_8bit_size=0, lr=3e-3)
+    losses = _run(model, opt, token_batches(12, seed=4))
+    assert _moment_keys(opt) == {"exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes",
+                                 "exp_avg_sq_absmax"}
+    assert losses[-1] < losses[0] - 1.0
+
+
+# -- tracking the 32-bit run on the tiny LLaMA ---------------------------------------------------
+def _smooth(losses: list[float]) -> list[float]:
+    return [sum(losses[i:i + SMOOTH]) / SMOOTH for i in range(len(losses) - SMOOTH + 1)]
+
+
+@pytest.mark.parametrize("make", [_galore, _dct], ids=["GaLoreAdamW", "DCTAdamW"])
+def test_8bit_run_tracks_the_32bit_run(make):
+    batches = token_batches(STEPS, seed=10)
+    runs, models, opts = {}, {}, {}
+    for bits in (32, 8):
+        models[bits] = tiny_llama(seed=0)
+        opts[bits] = make(bits)(models[bits])
+        runs[bits] = _smooth(_run(models[bits], opts[bits], batches))
+    gaps = [abs(a - b) for a, b in zip(runs[8], runs[32], strict=True)]
+    worst = max(gaps)
+    summary = (f"largest gap {worst:.4f} at step {gaps.index(worst) + SMOOTH}, final "
+               f"{runs[8][-1]:.4f} (8-bit) vs {runs[32][-1]:.4f} (32-bit)")
+    print(summary)
+    assert worst <= MARGIN, summary
+    # not vacuous: it trained, every moment was 8-bit, and the runs are not the same run
+    assert runs[32][-1] < runs[32][0] - 3.0, summary
+    assert _moment_keys(opts[8]) == {"exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes",
+                                     "exp_avg_sq_absmax"}
+    assert any(not torch.equal(a, b) for a, b in zip(models[8].parameters(),
+                                                     models[32].parameters(), strict=True))
