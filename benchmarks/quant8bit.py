@@ -21,6 +21,7 @@ every step, so it cannot run on a CPU-only torch: the table says so).  Neither i
 from __future__ import annotations
 
 import argparse
+import statistics
 from collections.abc import Callable
 
 import torch
@@ -93,19 +94,29 @@ def runnable(make: Maker, device: str) -> str | None:
     return None
 
 
-def measure(make: Maker, config: str, device: str, repeats: int, drift_steps: int
-            ) -> dict[str, float]:
-    """Median step seconds, state bytes and the parameters after ``drift_steps`` steps."""
-    params = block_params(config, device)
-    start = [p.detach().clone() for p in params]
-    opt = make(params)
-    for _ in range(drift_steps):
-        opt.step()
-    moved = [p.detach().clone() - s for p, s in zip(params, start, strict=True)]
-    sb = state_bytes(opt)
-    seconds = median_time(opt.step, repeats=repeats, warmup=1)
-    return {"seconds": seconds, "moments": sb.moments + foreign_moment_bytes(opt),
-            "total": sb.total, "moved": moved}
+def measure_pair(makers: tuple[Maker, Maker], config: str, device: str, repeats: int,
+                 drift_steps: int) -> list[dict]:
+    """For each optimizer: median step seconds, state bytes and the weights' change after
+    ``drift_steps`` steps.  The timed steps of the two alternate, so that load changes on a
+    shared machine hit both alike."""
+    runs = []
+    for make in makers:
+        params = block_params(config, device)
+        start = [p.detach().clone() for p in params]
+        opt = make(params)
+        for _ in range(drift_steps):
+            opt.step()
+        sb = state_bytes(opt)
+        runs.append({"opt": opt, "times": [], "moments": sb.moments + foreign_moment_bytes(opt),
+                     "total": sb.total,
+                     "moved": [p.detach() - s for p, s in zip(params, start, strict=True)]})
+    for _ in range(repeats):
+        for run in runs:
+            run["times"].append(median_time(run["opt"].step, repeats=1, warmup=0))
+    for run in runs:
+        run["seconds"] = statistics.median(run.pop("times"))
+        del run["opt"]
+    return runs
 
 
 #: bitsandbytes' state keys of the two moments (codes or fp32 values, scales, code tables),
@@ -136,6 +147,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.repeats, args.drift_steps = 3, 3
+    args.drift_steps = max(1, args.drift_steps)  # also the warm-up (first step, first SVD)
     rank = RANKS[args.config]
     print(f"machine: {machine()}")
     pairs: list[tuple[str, Maker, Maker]] = [
@@ -178,7 +190,8 @@ def main() -> None:
         f"({sum(p.numel() for p in block_params(args.config, 'cpu')) / 1e6:.2f}M parameters), "
         f"fp32 weights and gradients, {args.device}. AdamW hyper-parameters "
         f"lr 1e-3, eps 1e-8, weight decay 1e-2 (torch formula). 8-bit: block 256, dynamic code, "
-        f"min_8bit_size 4096. Step time: median of {args.repeats} steps (GaLore: steady steps, "
+        f"min_8bit_size 4096. Step time: median of {args.repeats} steps, the 32-bit and 8-bit "
+        f"optimizers' steps alternating (GaLore: steady steps, "
         f"no SVD refresh; DCT: a new selection every step, as its default). Drift: "
         f"|dW_8bit - dW_32bit| / |dW_32bit| after {args.drift_steps} steps on the same fixed "
         "gradients.",
@@ -188,8 +201,8 @@ def main() -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, make32, make8 in pairs:
-        r32 = measure(make32, args.config, args.device, args.repeats, args.drift_steps)
-        r8 = measure(make8, args.config, args.device, args.repeats, args.drift_steps)
+        r32, r8 = measure_pair((make32, make8), args.config, args.device, args.repeats,
+                               args.drift_steps)
         d = drift(r8["moved"], r32["moved"])
         row = (f"| {name} | {r32['seconds'] * 1e3:.2f} | {r8['seconds'] * 1e3:.2f} | "
                f"{r8['seconds'] / r32['seconds']:.2f} | {r32['moments'] / MIB:.3f} | "
