@@ -80,13 +80,15 @@ UNSHARDABLE_OPTIONS: dict[str, tuple[Callable[[Any], bool], str, bool]] = {
              "shards would cut differently; use 32-bit state (galore_adamw, dct_adamw) under "
              "FSDP2", False),
 }
+#: param-group key recording how many >= 2-D tensors the group held when it was added (kept
+#: through ``state_dict``), so tensors flattened afterwards by an engine are noticed
+MATRICES_KEY = "_matrices"
 FLATTENED_MESSAGE = (
-    "this param group asks for low-rank projection (rank={rank}) but holds only 1-D tensors "
-    "({count} of them, e.g. shape {shape}). DeepSpeed ZeRO (stages 1-3) and other engines that "
-    "flatten parameters hand the optimizer 1-D partitions, where no projection is possible, and "
-    "training would silently fall back to plain full-rank updates. Use DDP or FSDP2 for the "
-    "low-rank optimizers (DeepSpeed: ZeRO stage 0 in fp32 keeps parameters intact), or drop "
-    "'rank' from groups that really hold only 1-D tensors."
+    "this param group asks for low-rank projection (rank={rank}) but {what}. DeepSpeed ZeRO "
+    "(stages 1-3) and other engines that flatten parameters hand the optimizer 1-D partitions, "
+    "where no projection is possible, and training would silently fall back to plain full-rank "
+    "updates. Use DDP or FSDP2 for the low-rank optimizers (DeepSpeed: ZeRO stage 0 in fp32 "
+    "keeps parameters intact)."
 )
 
 
@@ -333,14 +335,28 @@ def sharding_problem(optimizer: LowRankOptimizer, group: dict, param: torch.Tens
 def check_group_layout(optimizer: LowRankOptimizer, group: dict) -> None:
     """Raise if ``group``'s tensors cannot be stepped as configured.
 
-    * ``ValueError`` for a group with ``rank`` holding only 1-D tensors (flattened by DeepSpeed
-      ZeRO or a similar engine): the projection would silently not happen.
+    The first call (from ``add_param_group``) records in ``group[MATRICES_KEY]`` how many
+    tensors of 2 or more dimensions the group holds.  Then:
+
+    * ``ValueError`` for a group with ``rank`` that held matrices and now holds only 1-D tensors
+      (DeepSpeed ZeRO 1/2/3 swap a client optimizer's tensors for flat 1-D partitions), or
+      that holds DeepSpeed ZeRO-3 partitioned parameters (``ds_shape``): the projection would
+      silently not happen.  A group built with only 1-D tensors is legitimate (galore-torch:
+      they are updated unprojected).
     * ``NotImplementedError`` for a DTensor parameter that :func:`sharding_problem` rejects.
     """
     params = group["params"]
-    if group.get("rank") is not None and params and all(p.dim() < 2 for p in params):
-        raise ValueError(FLATTENED_MESSAGE.format(rank=group["rank"], count=len(params),
-                                                  shape=tuple(params[0].shape)))
+    matrices = sum(p.dim() >= 2 for p in params)
+    group.setdefault(MATRICES_KEY, matrices)
+    if group.get("rank") is not None:
+        what = None
+        if group[MATRICES_KEY] and not matrices:
+            what = (f"its {group[MATRICES_KEY]} matrices were replaced by {len(params)} 1-D "
+                    f"tensor(s) of shape {tuple(params[0].shape) if params else ()}")
+        elif any(hasattr(p, "ds_shape") for p in params):
+            what = "holds DeepSpeed ZeRO-3 partitioned parameters"
+        if what:
+            raise ValueError(FLATTENED_MESSAGE.format(rank=group["rank"], what=what))
     for i, p in enumerate(params):
         if is_dtensor(p):
             problem = sharding_problem(optimizer, group, p)

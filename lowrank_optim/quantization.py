@@ -140,11 +140,10 @@ def quantize(
     low, high = torch.aminmax(padded, dim=1)
     absmax = torch.maximum(high, low.neg_())
     normed = padded / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    codes = torch.bucketize(normed, mids, out_int32=True).to(torch.uint8)
-    codes = codes.reshape(-1)[:n].view(x.shape)
-    if out is None:  # a compact tensor, not a view of the padded blocks
-        return (codes.clone() if blocks * block_size != n else codes), absmax
-    out[0].copy_(codes)
+    codes = torch.bucketize(normed, mids, out_int32=True).reshape(-1)[:n].view(x.shape)
+    if out is None:  # uint8 and compact (not a view of the padded blocks)
+        return codes.to(torch.uint8), absmax
+    out[0].copy_(codes)  # int32 -> uint8 in the copy
     out[1].copy_(absmax)
     return out
 

@@ -91,8 +91,9 @@ def assert_same_run(out: Path, ref: Path, rtol: float = 1e-5) -> None:
 
 def test_single_process_launch_with_bf16_autocast(tmp_path, cache):
     out = tmp_path / "run"
-    proc = launch("single.yaml", 1, out, cache, "--max-steps", "6", mixed_precision=None)
-    succeeded(proc, out, 1)  # single.yaml asks for bf16: autocast on CPU
+    proc = launch("single.yaml", 1, out, cache, "--max-steps", "6", "--mixed-precision", "auto",
+                  mixed_precision=None)
+    succeeded(proc, out, 1)  # "auto" takes single.yaml's bf16: autocast on CPU
     assert "single x 1 / precision bf16" in proc.stdout
     curve = metrics(out)
     assert curve[6] < curve[1]

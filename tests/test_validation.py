@@ -76,11 +76,12 @@ def test_non_2d_tensor_in_projected_group_is_rejected():
 
 
 def test_one_d_tensors_in_projected_group_are_updated_unprojected():
-    bias = nn.Parameter(torch.zeros(5))
-    opt = lo.GaLoreAdamW([{"params": [bias], "rank": 2}], lr=0.1)
-    bias.grad = torch.ones(5)
+    weight, bias = nn.Parameter(torch.zeros(5, 4)), nn.Parameter(torch.zeros(5))
+    opt = lo.GaLoreAdamW([{"params": [weight, bias], "rank": 2}], lr=0.1)
+    weight.grad, bias.grad = torch.randn(5, 4), torch.ones(5)
     opt.step()
     assert torch.all(bias < 0)
+    assert "exp_avg" in opt.state[bias] and opt.state[bias]["exp_avg"].shape == (5,)
 
 
 def test_complex_parameter_is_rejected():

@@ -37,7 +37,10 @@ class Adam(Rule):
     :func:`lowrank_optim.kernels.adam_update_8bit`: dequantise -> the same moment update ->
     direction from the fp32 moments -> requantise (fused in one pass per block on CUDA).
     Smaller tensors keep 32-bit moments ``exp_avg`` / ``exp_avg_sq``.  A parameter's state
-    keeps the format it was created with (so a loaded state resumes as saved).
+    keeps the format it was created with (so a loaded state resumes as saved).  Keep
+    ``code="dynamic"`` for training: the linear table flushes second-moment entries below
+    ``absmax / 510`` of their block to zero, and ``M / (sqrt(V) + eps)`` then blows up (the
+    tiny LLaMA of the tests diverges with it); it is there for comparisons.
     """
 
     name = "adam"
