@@ -23,6 +23,7 @@ It ends with the LLaMA-7B state table of the analytic profiler (exact bytes, met
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 from collections.abc import Callable
 
@@ -224,6 +225,7 @@ def main() -> None:
         "8-bit moments MiB | moments 8/32 | 32-bit state MiB | 8-bit state MiB | drift |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
+    load_before = os.getloadavg()[0]
     for name, make32, make8 in pairs:
         r32, r8 = measure_pair((make32, make8), args.config, args.device, args.repeats,
                                args.drift_steps)
@@ -235,6 +237,9 @@ def main() -> None:
         print(row, flush=True)
         lines.append(row)
         del r32, r8
+    lines += ["", f"1-minute load average {load_before:.1f} before and {os.getloadavg()[0]:.1f} "
+              f"after the timings, on {os.cpu_count()} CPUs: above the CPU count the machine "
+              "was shared with other jobs and the times are noisy (compare ratios, not ms)."]
     if any(n.startswith("galore-torch") for n, *_ in pairs):
         lines += ["", "In the galore-torch row the '32-bit' columns are our GaLoreAdamW8bit and "
                   "the '8-bit' ones galore-torch's; its drift is between the two 8-bit runs."]

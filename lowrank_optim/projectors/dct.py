@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from lowrank_optim import kernels
+from lowrank_optim import kernels, quantization
 from lowrank_optim.projectors.base import Projector
 from lowrank_optim.projectors.svd import galore_sides
 from lowrank_optim.validation import check_choice, check_int_at_least, check_rank
@@ -111,7 +111,8 @@ class DCTProjector(Projector):
         those of new frequencies start at zero; the paper's ``|V R_rot|`` is then a no-op
         (a permutation keeps ``V >= 0``), so it is computed exactly, without the basis.
         Rotated: every 2-D ``exp_*`` tensor, and the factored statistic that keeps the rank
-        axis (Adafactor's ``exp_avg_sq_col`` on the right, ``exp_avg_sq_row`` on the left).
+        axis (Adafactor's ``exp_avg_sq_col`` on the right, ``exp_avg_sq_row`` on the left);
+        8-bit moments (``bits=8``) are dequantised, rotated and requantised.
         Default ``True``.  The reference defaults to ``False``, which leaves slot ``j`` of the
         moments to whatever frequency is ``j``-th after the next selection: with a refresh
         every step that scrambles the moments (tiny LLaMA on the order-2 task of
@@ -201,7 +202,7 @@ class DCTProjector(Projector):
         idx = self.select(coeffs, group["rank"], side, _opt(group, "score_norm"))
         old = state.get("proj_idx")
         if old is not None and _opt(group, "rotate_moments") and not torch.equal(old, idx):
-            self._rotate_moments(state, old, idx, side)
+            self._rotate_moments(state, group, old, idx, side)
         state["proj_idx"] = idx
         if "proj_shape" not in state:
             state["proj_shape"] = torch.tensor(tuple(grad.shape), dtype=torch.int64)
@@ -248,15 +249,20 @@ class DCTProjector(Projector):
         return (old.unsqueeze(1) == new.unsqueeze(0)).to(dtype)
 
     def _rotate_moments(
-        self, state: dict, old: torch.Tensor, new: torch.Tensor, side: str
+        self, state: dict, group: dict, old: torch.Tensor, new: torch.Tensor, side: str
     ) -> None:
         kept_axis_suffix = "_col" if side == "right" else "_row"
-        for key, value in list(state.items()):
-            if not (key.startswith("exp_") and value.is_floating_point()):
-                continue
-            if value.dim() == 2 or key.endswith(kept_axis_suffix):
-                rot = self.rotation(old.to(value.device), new.to(value.device), value.dtype)
-                value.copy_(kernels.rotate_lowrank(value, rot, side))
+        storage_suffixes = (quantization.CODES_SUFFIX, quantization.ABSMAX_SUFFIX)
+        # 8-bit moments are rotated in fp32 and requantised on exit
+        with quantization.dequantized(state, group) as moments:
+            for key, value in list(moments.items()):
+                if not (key.startswith("exp_") and value.is_floating_point()):
+                    continue
+                if key.endswith(storage_suffixes):
+                    continue
+                if value.dim() == 2 or key.endswith(kept_axis_suffix):
+                    rot = self.rotation(old.to(value.device), new.to(value.device), value.dtype)
+                    value.copy_(kernels.rotate_lowrank(value, rot, side))
 
     @staticmethod
     def _with_error(grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
