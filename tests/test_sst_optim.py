@@ -164,6 +164,21 @@ def test_schedule_resamples_every_iteration_and_resvds_every_round():
     # iterations_per_round=None is the paper's d / r: k // rank per layer
     auto = lo.SSTAdamW(sst.sst_param_groups(_mlp(rank=3)))
     assert [auto.iterations_per_round(g, s) for _, g, _, s, _ in auto.spectral_layers()] == [4, 4]
+    # iteration_warmup=None is the paper's 20 of 200 steps: a tenth of the iteration
+    warmups = [lo.SSTAdamW(sst.sst_param_groups(_mlp()), iteration_length=length)
+               .param_groups[0]["iteration_warmup"] for length in (200, 55, 4, None)]
+    assert warmups == [20, 5, 0, 0]
+
+
+def test_meta_device_models_step_for_analytic_profiling():
+    with torch.device("meta"):
+        model = _mlp()
+    opt = lo.SSTAdamW(sst.sst_param_groups(model), nonfinite="ignore")
+    for p in model.parameters():
+        p.grad = torch.empty_like(p)
+    opt.step()
+    _, group, u, _, _ = opt.spectral_layers()[0]
+    assert opt.state[u]["exp_avg"].shape == (u.shape[0], group["rank"])
 
 
 def test_resvd_restores_orthonormality_and_keeps_the_product():

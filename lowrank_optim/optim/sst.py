@@ -72,9 +72,10 @@ class SSTAdamW(LowRankOptimizer):
         sampled about once on average.
     iteration_warmup
         Steps of linear learning-rate warm-up for a parameter whose optimizer state was just
-        reset: the newly sampled vectors at every draw, ``S`` at the start and after a re-SVD
-        (paper: each iteration starts with a 20-step warm-up).  ``0`` disables it.  Must be
-        smaller than ``iteration_length``.
+        reset: the newly sampled vectors at every draw, ``S`` at the start and after a re-SVD.
+        ``None`` (default) uses the paper's ratio, a tenth of ``iteration_length`` (20 of 200
+        steps; none when ``iteration_length`` is ``None``).  ``0`` disables it.  An explicit
+        value must be smaller than ``iteration_length``.
     seed
         Seed of the sampling; draw ``t`` of layer ``l`` uses a generator seeded from
         ``(seed, l, t)``, so runs (and resumed runs) are reproducible without generator state.
@@ -107,7 +108,7 @@ class SSTAdamW(LowRankOptimizer):
         *,
         iteration_length: int | None = 200,
         iterations_per_round: int | None = None,
-        iteration_warmup: int = 20,
+        iteration_warmup: int | None = None,
         seed: int = 0,
         bits: int = 32,
         block_size: int = 256,
@@ -133,8 +134,10 @@ class SSTAdamW(LowRankOptimizer):
             if group[key] is not None:
                 check_int_at_least(key, group[key], 1)
         check_int_at_least("seed", group["seed"], 0)
-        check_int_at_least("iteration_warmup", group["iteration_warmup"], 0)
         length = group["iteration_length"]
+        if group["iteration_warmup"] is None:
+            group["iteration_warmup"] = length // 10 if length is not None else 0
+        check_int_at_least("iteration_warmup", group["iteration_warmup"], 0)
         if length is not None and group["iteration_warmup"] >= length:
             raise ValueError(
                 f"iteration_warmup={group['iteration_warmup']!r} must be smaller than "
@@ -203,8 +206,11 @@ class SSTAdamW(LowRankOptimizer):
                         v: torch.Tensor) -> None:
         layer = self.state[s]
         draw = int(layer["sst_draws"])
-        generator = seeded_generator(group["seed"], int(layer["sst_layer"]), draw)
-        idx = sample_indices(s, group["rank"], generator).to(u.device)
+        if s.is_meta:  # no values to sample from (analytic memory profiling): any r indices
+            idx = torch.arange(group["rank"], device=u.device)
+        else:
+            generator = seeded_generator(group["seed"], int(layer["sst_layer"]), draw)
+            idx = sample_indices(s, group["rank"], generator).to(u.device)
         for p in (u, v):  # the newly sampled vectors start with fresh optimizer state
             self.state[p] = {}
             self.projector.select(self.state[p], idx.clone(), p.shape[1])
