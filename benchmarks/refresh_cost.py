@@ -15,9 +15,9 @@ before timing (once per size for the whole model) and its build time is reported
 State bytes per layer come from :func:`lowrank_optim.memory.state_bytes` after one real
 optimizer step (moments + projector or indices); the DCT basis is listed once per size.
 
-    python benchmarks/refresh_cost.py                 # all shapes, SVD up to 2048 (~2 min)
-    python benchmarks/refresh_cost.py --svd-max 4096  # also the 4096-row SVDs (1-5 min each)
-    python benchmarks/refresh_cost.py --quick         # up to 2048 x 2048 only (under a minute)
+    python benchmarks/refresh_cost.py                 # all shapes (~2 min on 2 idle cores)
+    python benchmarks/refresh_cost.py --svd-max 2048  # skip the 4096-row SVDs (~70 s of it)
+    python benchmarks/refresh_cost.py --quick         # up to 2048 x 2048 only (~15 s)
     python benchmarks/refresh_cost.py --shapes 1024x1024,4096x11008 --repeats 5
 
 Results go to ``benchmarks/results/refresh_cost_cpu.md`` (``--no-write`` prints only).  Wall
@@ -157,9 +157,9 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=None,
                         help="rank for every shape (default: GaLore paper rank by min dim)")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per cell (median)")
-    parser.add_argument("--svd-max", type=int, default=2048,
-                        help="skip the SVD for shapes whose min dim exceeds this (default 2048: "
-                             "a 4096-row SVD takes minutes on 2 cores)")
+    parser.add_argument("--svd-max", type=int, default=4096,
+                        help="skip the SVD for shapes whose min dim exceeds this (a 4096-row SVD "
+                             "takes 15-60 s on 2 idle cores, minutes on a loaded machine)")
     parser.add_argument("--slow-s", type=float, default=10.0,
                         help="a first run slower than this is reported alone (no repeats)")
     parser.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -188,8 +188,8 @@ def main() -> None:
         f"Refresh time of one layer, fp32, median of {args.repeats} runs after a warm-up "
         f"(a first run over {args.slow_s:g} s is reported alone: see the runs column); "
         f"torch threads {args.threads}; 1-minute load average {load:.2f} at the start, "
-        f"{load_end:.2f} at the end (other processes shared the cores: absolute times move "
-        "with the load, compare ratios).",
+        f"{load_end:.2f} at the end (this run's own threads count; a higher load means other "
+        "processes shared the cores and inflated the absolute times).",
         "DCT timings include the low-rank gradient (read from the coefficients); the SVD "
         "timing does not. Route `auto` picks FFT from n >= "
         f"{lo.projectors.dct.AUTO_FFT_MIN_SIZE}.",

@@ -53,9 +53,8 @@ def _galore(bits: int, **kw):
 
 
 def _dct(bits: int, **kw):
-    # rotate_moments=False: see test_dct_rotation_reaches_quantized_moments
     return lambda m: lo.DCTAdamW(lo.param_groups(m, rank=8, update_proj_gap=1, scale=0.25),
-                                 lr=3e-3, bits=bits, min_8bit_size=0, rotate_moments=False, **kw)
+                                 lr=3e-3, bits=bits, min_8bit_size=0, **kw)
 
 
 def _moment_keys(opt) -> set[str]:
@@ -199,10 +198,6 @@ def test_dequantized_context_shows_fp32_moments_and_requantizes():
     assert torch.equal(plain["exp_avg"], torch.ones(3))
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "DCTProjector._rotate_moments rotates float exp_* tensors only; it needs its rotation "
-    "wrapped in `with quantization.dequantized(state, group):` (lowrank_optim/projectors/dct.py, "
-    "not part of the 8-bit change). Remove this marker once it is."))
 def test_dct_rotation_reaches_quantized_moments():
     """With rotate_moments, 8-bit moments follow the frequencies like 32-bit ones."""
     from lowrank_optim.projectors import dct_matrix
