@@ -38,7 +38,6 @@ What each engine hands the optimizer, and what this module does about it:
 from __future__ import annotations
 
 import hashlib
-import types
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
@@ -106,23 +105,6 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def is_distributed() -> bool:
     """Whether a default process group is up."""
     return dist.is_available() and dist.is_initialized()
-
-
-def local_view(optimizer: torch.optim.Optimizer) -> Any:
-    """``optimizer`` as seen by this rank: DTensor parameters and state replaced by their local
-    shards (a read-only stand-in with ``state``, ``param_groups`` and ``projector``), so
-    :func:`lowrank_optim.memory.state_bytes` counts the bytes this rank holds.  ``optimizer``
-    itself when nothing is sharded.
-    """
-    if not any(is_dtensor(p) for g in optimizer.param_groups for p in g["params"]):
-        return optimizer
-    return types.SimpleNamespace(
-        state={i: {k: local_tensor(v) for k, v in s.items()}
-               for i, s in enumerate(optimizer.state.values())},
-        param_groups=[{**g, "params": [local_tensor(p) for p in g["params"]]}
-                      for g in optimizer.param_groups],
-        projector=getattr(optimizer, "projector", None),
-    )
 
 
 def digest(tensors: Iterable[torch.Tensor]) -> str:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from lowrank_optim.distributed import local_tensor
+
 CATEGORIES = ("moments", "projectors", "indices", "other")
 
 
@@ -49,9 +51,10 @@ def category(key: str, value: torch.Tensor) -> str:
 
 
 def _tensors(value: object, depth: int = 0) -> Iterable[torch.Tensor]:
-    """Tensors reachable from a state value (tensors, lists, projector objects)."""
+    """Tensors reachable from a state value (tensors, lists, projector objects); a DTensor
+    (FSDP2 shard-local state) counts as the shard this rank holds."""
     if isinstance(value, torch.Tensor):
-        yield value
+        yield local_tensor(value)
     elif depth < 3 and isinstance(value, (list, tuple)):
         for v in value:
             yield from _tensors(v, depth + 1)
@@ -97,7 +100,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> StateBytes:
         if k not in seen:
             seen.add(k)
             counts["projectors"] += _held_bytes(t)
-    num_params = sum(p.numel() for g in optimizer.param_groups for p in g["params"])
+    num_params = sum(local_tensor(p).numel() for g in optimizer.param_groups
+                     for p in g["params"])
     return StateBytes(**counts, num_params=num_params)
 
 

@@ -3,7 +3,9 @@
 A tensor is split into blocks of ``block_size`` consecutive elements (flattened); each block
 stores one fp32 ``absmax`` and one uint8 code per element indexing a 256-entry table of values
 in [-1, 1] (signed) or [0, 1] (unsigned).  Dequantised value = ``table[code] * absmax``; a
-value is quantised to the nearest table entry (``torch.bucketize`` on the table's midpoints).
+value is quantised to the nearest table entry: its code is the number of the table's
+midpoints below it (``torch.bucketize``), found through a lookup table on the float's bits
+(:func:`codes_of`, several times faster than a binary search on CPU, same codes).
 
 Two tables:
 
@@ -106,6 +108,46 @@ def midpoints(code: str, signed: bool, device: torch.device | str = "cpu") -> to
     return _device_midpoints(code, signed, torch.device(device))
 
 
+def _order_key(x: torch.Tensor) -> torch.Tensor:
+    """int32 keys of fp32 ``x`` ordered like the floats (sign-magnitude -> two's complement)."""
+    bits = x.view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
+@cache
+def _bucket_lut(code: str, signed: bool, device: torch.device
+                ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
+    """``(shift, offset, lut, midpoints + [inf])`` for :func:`codes_of`.
+
+    The keys of [-1, 1] are cut into buckets of ``2**shift`` consecutive floats (the top
+    exponent and mantissa bits), fine enough that no bucket holds two midpoints; ``lut[b]``
+    counts the midpoints below bucket ``b``.
+    """
+    mids = _device_midpoints(code, signed, torch.device("cpu")).contiguous()
+    keys = _order_key(mids)
+    shift = next(s for s in range(16, -1, -1)
+                 if bool(((keys[1:] >> s) > (keys[:-1] >> s)).all()))
+    lo = int(_order_key(torch.tensor([-1.0]))[0]) >> shift
+    hi = int(_order_key(torch.tensor([1.0]))[0]) >> shift
+    first_keys = torch.arange(lo, hi + 1, dtype=torch.int64) << shift
+    lut = torch.searchsorted(keys.long(), first_keys).to(torch.int32)
+    padded = torch.cat([mids, torch.full((1,), math.inf)])
+    return shift, lo, lut.to(device), padded.to(device)
+
+
+def codes_of(normed: torch.Tensor, code: str, signed: bool) -> torch.Tensor:
+    """int32 codes of fp32 values in [-1, 1]: ``torch.bucketize(normed, midpoints(...))``.
+
+    One table lookup on the value's top bits gives the midpoints below its bucket; one
+    comparison with the only midpoint that can share the bucket finishes the count.
+    """
+    shift, lo, lut, padded = _bucket_lut(code, signed, normed.device)
+    flat = normed.reshape(-1)
+    bucket = (_order_key(flat) >> shift).sub_(lo).clamp_(0, lut.numel() - 1)
+    below = lut.index_select(0, bucket)
+    return below.add_(flat > padded.index_select(0, below)).view(normed.shape)
+
+
 def zero_code(code: str, signed: bool) -> int:
     """The code of 0.0 (every table holds an exact zero): what a zero-initialised moment is."""
     return int(torch.bucketize(torch.zeros(()), midpoints(code, signed)))
@@ -131,7 +173,7 @@ def quantize(
     out
         ``(codes, absmax)`` to write into in place (e.g. an optimizer's state); returned.
     """
-    mids = midpoints(code, signed, x.device)
+    table(code, signed)  # validates the name
     flat = x.reshape(-1).float()
     n = flat.numel()
     blocks = num_blocks(n, block_size)
@@ -140,7 +182,7 @@ def quantize(
     low, high = torch.aminmax(padded, dim=1)
     absmax = torch.maximum(high, low.neg_())
     normed = padded / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    codes = torch.bucketize(normed, mids, out_int32=True).reshape(-1)[:n].view(x.shape)
+    codes = codes_of(normed, code, signed).reshape(-1)[:n].view(x.shape)
     if out is None:  # uint8 and compact (not a view of the padded blocks)
         return codes.to(torch.uint8), absmax
     out[0].copy_(codes)  # int32 -> uint8 in the copy

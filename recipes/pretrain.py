@@ -383,7 +383,7 @@ def build_scheduler(cfg: RecipeConfig, optimizer: torch.optim.Optimizer):
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> lo.memory.StateBytes:
     """Optimizer-state bytes held by this rank (FSDP2 shards counted locally)."""
-    return lo.memory.state_bytes(distributed.local_view(optimizer))
+    return lo.memory.state_bytes(optimizer)
 
 
 @torch.no_grad()

@@ -221,6 +221,14 @@ def test_dct_rotation_reaches_quantized_moments():
     assert (got - want).abs().max() <= 0.05 * want.abs().max()
 
 
+@pytest.mark.parametrize("cls", [lo.GaLoreAdafactor, lo.DCTAdafactor])
+def test_adafactor_refuses_8bit_instead_of_ignoring_it(cls):
+    w = torch.nn.Parameter(torch.zeros(8, 8))
+    with pytest.raises(ValueError, match=r"bits=8 for Adafactor.*GaLoreAdamW8bit"):
+        cls([{"params": [w], "rank": 2, "bits": 8}])
+    cls([{"params": [w], "rank": 2, "bits": 32}])  # the default is accepted
+
+
 # -- memory: exact bytes -------------------------------------------------------------------------
 def _expected_moment_bytes(opt) -> int:
     """Codes + fp32 scales per quantised moment, 4 bytes per element for the others."""

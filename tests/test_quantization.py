@@ -62,3 +62,24 @@ def test_nbytes_is_codes_plus_scales():
 def test_bad_code_name():
     with pytest.raises(ValueError, match="code='fp8'"):
         q.quantize(torch.randn(4), 4, "fp8")
+
+
+@pytest.mark.parametrize("code", q.CODES)
+@pytest.mark.parametrize("signed", [True, False])
+def test_lookup_codes_equal_bucketize_on_the_midpoints(code, signed):
+    """The bit-bucket lookup of quantize() gives torch.bucketize's codes, ties and edges
+    included (values on, just above and just below every midpoint; table values; +-0, +-1)."""
+    mids, values = q.midpoints(code, signed), q.table(code, signed)
+    g = torch.Generator().manual_seed(0)
+    uniform = torch.rand(1 << 16, generator=g)
+    heavy = torch.randn(1 << 14, generator=g) ** 7
+    cases = [uniform * 2 - 1 if signed else uniform, heavy.clamp(-1 if signed else 0, 1),
+             mids, values, torch.nextafter(mids, torch.tensor(2.0)),
+             torch.nextafter(mids, torch.tensor(-2.0)),
+             torch.tensor([0.0, -0.0, 1.0, 1e-30, 1e-45, -1e-45, -1.0, 0.5]).clamp_min(
+                 -1 if signed else 0)]
+    for x in cases:
+        x = x.float().contiguous()
+        want = torch.bucketize(x, mids, out_int32=True)
+        assert torch.equal(q.codes_of(x, code, signed), want)
+        assert torch.equal(q.codes_of(x.view(-1, 1), code, signed), want.view(-1, 1))

@@ -187,7 +187,7 @@ def _fsdp_worker(rank, world, port, out):
                    if k.startswith("exp_")]
         if rank == 0:
             torch.save({"grads": grads, "params": params, "moments": moments,
-                        "bytes": lo.memory.state_bytes(distributed.local_view(opt)).total},
+                        "bytes": lo.memory.state_bytes(opt).total},
                        os.path.join(out, f"{case}.pt"))
     errors = {}
     for case, (name, kwargs, _) in UNSHARDABLE.items():

@@ -47,6 +47,12 @@ class Adafactor(Rule):
                              "(e.g. -0.8).")
         check_beta("beta1", group["beta1"])
         check_nonneg("weight_decay", group["weight_decay"])
+        if group.get("bits", 32) != 32:
+            raise ValueError(
+                f"Invalid bits={group['bits']!r} for Adafactor: its second moment is already "
+                "factored (one row and one column vector per matrix), and 8-bit states are "
+                "offered for the Adam rule only. Drop `bits`, or use GaLoreAdamW8bit / "
+                "DCTAdamW(bits=8) / SSTAdamW(bits=8).")
 
     @staticmethod
     def _lr(group: dict, step: float, param_rms: torch.Tensor | None) -> float:
