@@ -121,3 +121,10 @@ def test_bf16_params_train_with_fp32_svd():
     basis = state.get("proj_right", state.get("proj_left"))
     assert basis.dtype == torch.bfloat16
     assert state["exp_avg"].dtype == torch.bfloat16
+
+
+def test_projected_param_names_are_unique_across_unnamed_groups():
+    a, b = (torch.nn.Parameter(torch.randn(8, 8)) for _ in range(2))
+    opt = lo.GaLoreAdamW([{"params": [a], "rank": 2}, {"params": [b], "rank": 4}])
+    names = [name for name, _, _ in opt.projected_params()]
+    assert names == ["group0.param0", "group1.param0"]

@@ -266,13 +266,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return rows
 
     def projected_params(self) -> list[tuple[str, torch.Tensor, dict]]:
-        """``(name, param, group)`` for every parameter this optimizer projects."""
+        """``(name, param, group)`` for every parameter this optimizer projects.
+
+        Names come from the group's ``param_names`` (as :func:`lowrank_optim.param_groups`
+        sets them); unnamed parameters are called ``group{g}.param{i}`` (unique across groups).
+        """
         out = []
-        for group in self.param_groups:
+        for g, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
                 if self._projects(group, p):
-                    out.append((names[i] if names else f"param{i}", p, group))
+                    out.append((names[i] if names else f"group{g}.param{i}", p, group))
         return out
 
     # -- state_dict -----------------------------------------------------------------------
