@@ -65,8 +65,9 @@ def measure(names: list[str], config: str, device: str, gap: int, steady_steps: 
 
     The optimizers step in turn (the order rotating every round), so a change in machine load
     hits all of them alike; each figure is a median.  A steady step keeps the subspace; a
-    refresh step recomputes it (a second copy of each optimizer with ``update_proj_gap=1``).  Amortised = steady + (refresh - steady) / ``gap``: one refresh per ``gap``
-    steps, as in training with ``update_proj_gap=gap``.
+    refresh step recomputes it (a second copy of each optimizer with ``update_proj_gap=1``).
+    Amortised = steady + (refresh - steady) / ``gap``: one refresh per ``gap`` steps, as in
+    training with ``update_proj_gap=gap``.
     """
     rank = RANKS[config]
     steady_opts = {n: make(n, block_params(config, device), rank, 10**9) for n in names}

@@ -63,6 +63,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     Notes
     -----
+    :attr:`last_grad_norm` is the l2 norm, before clipping, of all the gradients the previous
+    step used (the Trainer's own ``grad_norm`` reads freed gradients in layer-wise mode and
+    shows 0; :class:`trainer_callbacks.LayerwiseCallback` logs this one instead).  With
+    low-rank accumulation (``gradient_accumulation_steps > 1`` on projected parameters) those
+    parameters contribute the norm of their accumulated low-rank gradient, which is what they
+    step on.
+
     The non-finite check follows the wrapped optimizer's ``nonfinite`` setting per parameter:
     ``"raise"`` raises before that parameter changes (parameters stepped earlier in the same
     backward pass have been updated already), ``"skip"`` skips that parameter's step with a
@@ -116,6 +123,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._pending: dict[torch.Tensor, int] = {}  # micro-batches in the open window
         self._seen: dict[torch.Tensor, int] = {}  # hook calls since the last step()
         self._handles: list[Any] = []
+        self._sq_norm: torch.Tensor | None = None  # sum of squared norms of this step's grads
+        #: l2 norm (before clipping) of every gradient used by the previous step; a 0-d fp32
+        #: tensor (read it with ``float()``, one host sync), ``None`` before the first step
+        self.last_grad_norm: torch.Tensor | None = None
         self._register(optimizer.param_groups)
 
     # -- shared with the wrapped optimizer ----------------------------------------------------
@@ -227,8 +238,11 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if self.optimizer.nonfinite != "ignore" and not self._finite(grad, group, index, param):
             param.grad = None
             return
+        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
+        sq = norm.square()
+        self._sq_norm = sq if self._sq_norm is None else self._sq_norm.add_(
+            sq.to(self._sq_norm.device))
         if self._max_norm is not None:
-            norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
             grad.mul_((self._max_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
         self.optimizer.step_param(param, group, index, grad, projected=low is not None)
         param.grad = None  # freed right after its step
@@ -272,6 +286,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             )
         for param in list(self._pending):
             self._step(param, *self._group(param))
+        if self._sq_norm is not None:
+            self.last_grad_norm, self._sq_norm = self._sq_norm.sqrt(), None
         return loss
 
     def zero_grad(self, set_to_none: bool = True) -> None:

@@ -171,6 +171,24 @@ def test_trainer_global_clipping_is_refused(tmp_path):
         trainer.train()
 
 
+def test_trainer_logs_the_real_gradient_norm(tmp_path):
+    """The Trainer's grad_norm reads freed gradients in layer-wise mode (0); the callback logs
+    the norm of the gradients the step used: equal to the regular run's, step by step."""
+    norms = {}
+    for layerwise in (False, True):
+        model = tiny_llama(seed=0)
+        args = training_args(tmp_path / str(layerwise), max_steps=3, max_grad_norm=0)
+        trainer = Trainer(model=model, args=args, train_dataset=dataset(12))
+        callbacks = tc.attach(trainer, "galore_adamw", layerwise=layerwise, memory=False,
+                              **settings("galore_adamw"))
+        if layerwise:  # ahead of the report_to integrations, which read the same logs dict
+            assert trainer.callback_handler.callbacks[0] is callbacks[-1]
+        trainer.train()
+        norms[layerwise] = logged(trainer, "grad_norm")
+    assert len(norms[True]) == 3 and min(norms[True]) > 0
+    assert norms[True] == pytest.approx(norms[False], rel=1e-5)
+
+
 # -- what layer-wise mode refuses -----------------------------------------------------------------
 def test_accumulation_mismatch_is_detected():
     model = tiny_llama()

@@ -162,5 +162,8 @@ def attach(
     for cb in callbacks:
         if isinstance(cb, LoggingCallback):
             cb.bind(trainer)
-        trainer.add_callback(cb)
+        if isinstance(cb, LayerwiseCallback):  # before the integrations: it fixes grad_norm
+            trainer.callback_handler.callbacks.insert(0, cb)
+        else:
+            trainer.add_callback(cb)
     return callbacks

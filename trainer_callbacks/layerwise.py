@@ -20,7 +20,16 @@ class LayerwiseCallback(TrainerCallback):
       ``LayerwiseOptimizer(max_grad_norm=...)`` (or ``attach(..., max_grad_norm=...)``).
     * More than one process raises ``NotImplementedError`` (a parameter would step on its
       local gradient before data-parallel ranks average it).
+    * ``grad_norm`` in the logs: the Trainer computes it from gradients that layer-wise mode
+      has already freed (always 0); this callback replaces it with
+      :attr:`LayerwiseOptimizer.last_grad_norm`, the pre-clipping norm of the gradients the
+      step used.  :func:`trainer_callbacks.attach` puts the callback ahead of the ``report_to``
+      integrations so they receive the corrected value; added elsewhere, only
+      ``state.log_history`` is corrected.
     """
+
+    def __init__(self) -> None:
+        self._lw = None
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         lw = layerwise_optimizer(optimizer)
@@ -44,3 +53,14 @@ class LayerwiseCallback(TrainerCallback):
                 "parameter's gradient with LayerwiseOptimizer(max_grad_norm=...) instead."
             )
         lw.gradient_accumulation_steps = args.gradient_accumulation_steps
+        self._lw = lw
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        norm = None if self._lw is None else self._lw.last_grad_norm
+        if logs is None or norm is None or "grad_norm" not in logs:
+            return
+        value = float(norm)
+        logs["grad_norm"] = value
+        last = state.log_history[-1] if state.log_history else {}
+        if last.get("step") == state.global_step and "grad_norm" in last:
+            last["grad_norm"] = value
