@@ -32,17 +32,139 @@ SCRIPTS = [
      "8-bit optimizer states"),
     ("sst_vs_lora.py", [], ["--quick"], ["sst_vs_lora_cpu.md"],
      "Sparse Spectral Training vs LoRA vs full-rank AdamW"),
-    ("loss_curves.py", [], ["--quick"], ["loss_curves_cpu.md"],
+    ("loss_curves.py", [], ["--quick"], ["loss_curves_cpu.md", "loss_curves_cuda.md"],
      "Loss curves on the embedded corpus"),
     ("kernels.py", [], [], ["kernels_cuda.md", "kernels_cpu_reference.md"],
      "Triton kernels vs the unfused torch path"),
 ]
 
-#: paper statements checked against the profiler (GaLore, arXiv 2403.03507, abstract / sec. 5)
-PAPER_7B = [
-    ("optimizer-state reduction of GaLore vs BF16 AdamW", "up to 65.5%", "galore_adamw"),
-    ("optimizer-state reduction of 8-bit GaLore vs BF16 AdamW", "up to 82.5%", "galore_adamw8bit"),
-]
+#: the paper whose 7B memory statements the report checks (quoted from its v2, June 2024)
+PAPER = "GaLore, arXiv 2403.03507"
+PAPER_RANK_7B = 1024  # Sec. 5.3 / Table 3: 8-bit GaLore with r = 1024 at 7B
+GB = 1e9  # the paper's "G"
+
+
+def adamw8bit_state(model: str) -> int:
+    """Exact state bytes of plain 8-bit AdamW (bitsandbytes' rules) on ``model``, bf16 weights.
+
+    The paper's "8-bit Adam" baseline is not a registry name, so it is built here the way the
+    profiler builds everything: the real ``GaLoreAdamW8bit`` on the meta device with every
+    parameter in a group without ``rank`` (no projection: block-wise 8-bit moments for tensors
+    of at least 4096 elements, 32-bit below), stepped once.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import lowrank_optim as lo
+    from lowrank_optim.memory import state_bytes
+    from lowrank_optim.profile import model_config
+
+    with torch.device("meta"):
+        net = AutoModelForCausalLM.from_config(model_config(model), dtype=torch.bfloat16)
+    opt = lo.GaLoreAdamW8bit(net.parameters(), lr=1e-3, nonfinite="ignore")
+    for p in net.parameters():
+        p.grad = torch.empty_like(p)
+    opt.step()
+    return state_bytes(opt).total
+
+
+def paper_7b_section(adamw, galore, galore8) -> list[str]:
+    """The GaLore paper's 7B memory statements, each next to the same comparison here.
+
+    Parameters
+    ----------
+    adamw, galore, galore8 : MemoryProfile
+        Analytic profiles at 7B, bf16 weights: ``adamw``, ``galore_adamw`` and
+        ``galore_adamw8bit`` at rank 1024.
+
+    Returns
+    -------
+    list of str
+        Markdown lines: a table (paper vs profiler) and a paragraph explaining the gaps.
+    """
+    from lowrank_optim.model_configs import llama_config
+    from lowrank_optim.profile import GIB, profile
+
+    adam8 = adamw8bit_state("7b")
+    lay8 = profile("7b", "galore_adamw8bit", rank=PAPER_RANK_7B, precision="bf16",
+                   layerwise=True)
+    s_full, s_g, s_g8 = adamw.optimizer_state, galore.optimizer_state, galore8.optimizer_state
+    moments8 = galore8.moments
+    cfg = llama_config("7b")
+    untouched = 2 * cfg.vocab_size * cfg.hidden_size  # embed_tokens + lm_head (untied)
+    fits24 = dict((n, ok) for n, ok, _ in lay8.fits())["24 GB (RTX 3090 / 4090)"]
+
+    def gb(x: float) -> str:
+        return f"{x / GB:.2f} GB"
+
+    rows = [
+        ("Low-rank projection cuts optimizer-state memory by up to 65.5% (abstract); Sec. 5.5 "
+         "says what it compares: 8-bit GaLore vs 8-bit Adam at 7B, 9.6 G saved", "65.5%",
+         f"{1 - s_g8 / adam8:.1%} ({gb(adam8)} -> {gb(s_g8)}, {gb(adam8 - s_g8)} saved)",
+         "same comparison"),
+        ("(not a paper statement) GaLore vs BF16 AdamW, 16-bit states", "-",
+         f"{1 - s_g / s_full:.1%} ({gb(s_full)} -> {gb(s_g)})",
+         "the comparison the 65.5% is often read as; close to it by coincidence"),
+        ("8-bit GaLore reduces optimizer memory by up to 82.5% vs the BF16 baseline (abstract)",
+         "82.5%", f"{1 - s_g8 / s_full:.1%} ({gb(s_full)} -> {gb(s_g8)})", "same comparison"),
+        ("8-bit GaLore reduces total training memory by 63.3% (37.92 G) vs the BF16 baseline "
+         "(abstract, Sec. 5.5, Fig. 1: token batch 256, per-layer updates)", "63.3%",
+         f"{1 - lay8.total / adamw.total:.1%} ({gb(adamw.total)} -> {gb(lay8.total)}, "
+         f"{gb(adamw.total - lay8.total)} saved)",
+         "weights + gradients + states + activation estimate, seq 256 x batch 1"),
+        ("Table 3 memory estimate at 7B: 8-bit Adam 26G, 8-bit GaLore 18G", "26G / 18G",
+         f"{gb(adamw.weights + adam8)} / {gb(galore8.weights + s_g8)} "
+         f"({(adamw.weights + adam8) / GIB:.1f} / {(galore8.weights + s_g8) / GIB:.1f} GiB)",
+         "weights + optimizer states (assumed: what Table 2's estimates count)"),
+        ("7B pretraining fits a 24 GB RTX 4090: 8-bit GaLore + per-layer updates needs 22.0G "
+         "(Sec. 5.5)", "22.0G",
+         f"{gb(lay8.total)} = {lay8.total / GIB:.1f} GiB; fits 24 GB with 1 GiB kept free: "
+         f"{'yes' if fits24 else 'no'}",
+         "tensor bytes + activation estimate; the paper measured a GPU (CUDA context, "
+         "allocator)"),
+    ]
+    lines = ["", "### The GaLore paper's 7B statements", "",
+             f"{PAPER} statements at LLaMA-7B (rank {PAPER_RANK_7B}, bf16 weights) vs this "
+             "profiler (G = 10^9 bytes):", "",
+             "| statement | paper | profiler | note |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    share = untouched / adamw.num_params
+    emb16 = 2 * untouched * 2  # two bf16 moments of the unprojected embedding and head
+    implied_adam8 = 9.6 * GB / 0.655  # Sec. 5.5: 9.6 G saved = 65.5% of 8-bit Adam's states
+    implied_g8 = implied_adam8 - 9.6 * GB
+    implied_bf16 = implied_g8 / (1 - 0.825)  # abstract: 82.5% below the BF16 baseline
+    lines += [
+        "",
+        "How to read these numbers. (a) The abstract's 65.5% is not GaLore against BF16 AdamW: "
+        "Sec. 5.5 attributes it to the low-rank projection, measured against 8-bit Adam "
+        f"(9.6 G of optimizer states saved). In that comparison the profiler gives "
+        f"{1 - s_g8 / adam8:.1%}, and the paper's 82.5% (8-bit GaLore vs BF16) becomes "
+        f"{1 - s_g8 / s_full:.1%}. GaLore vs BF16 AdamW in 16 bits gives {1 - s_g / s_full:.1%}, "
+        "near 65.5% by coincidence. (b) As in the paper (Sec. 5.1: GaLore on the attention and "
+        "feed-forward layers), the embedding and lm_head are not projected: "
+        f"{untouched / 1e6:,.0f}M parameters ({share:.1%} of {adamw.num_params / 1e9:.2f}B) keep "
+        f"full-rank Adam moments in every method ({gb(emb16)} in bf16, {gb(emb16 // 2)} in "
+        "8-bit). This is the same in the paper and here; it pulls the 16-bit reduction from "
+        f"{1 - (s_g - emb16) / (s_full - emb16):.1%} on the projected layers alone to "
+        f"{1 - s_g / s_full:.1%} overall. (c) What differs is the accounting of the paper's "
+        "Fig. 1, an estimate whose per-component bytes are not listed. Its statements imply an "
+        f"8-bit Adam state of {gb(implied_adam8)} (9.6 G / 65.5%), an 8-bit GaLore state of "
+        f"{gb(implied_g8)} and a BF16 Adam state of {gb(implied_bf16)} (8-bit GaLore / 17.5%); "
+        f"the exact bytes here are {gb(adam8)}, {gb(s_g8)} and {gb(s_full)} for LLaMA-7B's "
+        f"{adamw.num_params / 1e9:.2f}B parameters. The projector matrices P (m x r per "
+        f"projected weight, bf16) are {gb(galore8.projectors)} here, "
+        f"{galore8.projectors / s_g8:.0%} of 8-bit GaLore's state; counting 8-bit GaLore's "
+        f"moments alone would give {1 - moments8 / adam8:.1%} vs 8-bit Adam and "
+        f"{1 - moments8 / s_full:.1%} vs BF16 AdamW, so the paper's 65.5% and 82.5% lie between "
+        "the two accountings. The 8-bit states here also carry one fp32 absmax per 256-element "
+        "block (+1.6%, counted in the moments) and keep tensors under 4096 elements (norm "
+        "weights) in 32-bit. (d) The total-memory rows add weights, gradients and an activation "
+        f"estimate ({adamw.activations / GB:.2f} GB at 256 tokens, no checkpointing); layer-wise "
+        "updates keep one gradient live (the largest, the embedding: "
+        f"{gb(lay8.gradients)}). The paper's 22.0G is a GPU measurement; the 24 GB verdict here "
+        "keeps 1 GiB free for the CUDA context and the allocator.",
+    ]
+    return lines
 
 
 def run_scripts(quick: bool) -> None:
@@ -62,12 +184,13 @@ def state_bytes_section() -> str:
     import lowrank_optim as lo
     from lowrank_optim.profile import GIB, plot, profile
 
-    ranks = {"60m": 128, "350m": 256, "1b": 512, "7b": 1024}
+    ranks = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": PAPER_RANK_7B}
     names = lo.available()
     lines = ["Exact optimizer-state bytes (analytic profiler: the real optimizer stepped on "
-             "meta tensors), bf16 weights, rank per the paper (60m 128, 350m 256, 1b 512, "
-             "7b 1024).", "", "| model | optimizer | moments GiB | projectors GiB | indices GiB "
-             "| state GiB | state / AdamW |", "|---|---|---|---|---|---|---|"]
+             "meta tensors), bf16 weights, rank per the paper (60m 128, 130m 256, 350m 256, "
+             "1b 512, 7b 1024).", "",
+             "| model | optimizer | moments GiB | projectors GiB | indices GiB | state GiB "
+             "| state / AdamW |", "|---|---|---|---|---|---|---|"]
     by_model: dict[str, dict[str, object]] = {}
     for model, rank in ranks.items():
         for name in names:
@@ -83,22 +206,29 @@ def state_bytes_section() -> str:
                          f" | {p.indices / GIB:.4f} | {p.optimizer_state / GIB:.3f} "
                          f"| {p.optimizer_state / base:.3f} |")
     seven = by_model.get("7b", {})
-    lines += ["", "GaLore paper statements at LLaMA-7B vs this profiler:", "",
-              "| statement | paper | profiler | note |", "|---|---|---|---|"]
-    for what, paper, name in PAPER_7B:
-        if name in seven and "adamw" in seven:
-            red = 1 - seven[name].optimizer_state / seven["adamw"].optimizer_state
-            lines.append(f"| {what} | {paper} | {red:.1%} | embeddings and lm_head stay "
-                         "full-rank AdamW; 8-bit keeps tensors < min_8bit_size in 32-bit |")
+    if all(n in seven for n in ("adamw", "galore_adamw", "galore_adamw8bit")):
+        lines += paper_7b_section(seven["adamw"], seven["galore_adamw"],
+                                  seven["galore_adamw8bit"])
     if seven:
-        lay = profile("7b", "galore_adamw8bit" if "galore_adamw8bit" in seven else
-                      "galore_adamw", rank=1024, precision="bf16", layerwise=True)
-        lines.append(f"| 7B pretraining fits a 24 GB card (8-bit GaLore + layer-wise) | ~22 GB "
-                     f"| {lay.total / GIB:.1f} GiB ({lay.optimizer}, seq 256, batch 1) | "
-                     "activation term is an estimate; paper measured on an RTX 4090 |")
         plot([seven[n] for n in seven], str(RESULTS / "state_bytes_7b.png"))
-        lines += ["", "![state bytes at 7B](state_bytes_7b.png)"]
+        lines += ["", "Training memory at 7B per method (analytic profiler, bf16 weights, seq 256 "
+                  "x batch 1, every gradient kept: no layer-wise updates; dashed lines: GPU "
+                  "sizes of the profiler's fit table):", "",
+                  "![state bytes at 7B](state_bytes_7b.png)"]
     return "\n".join(lines)
+
+
+def demote_headings(body: str, levels: int = 2) -> str:
+    """A result file's own headings nested under its report section (``## x`` -> ``#### x``),
+    leaving fenced code blocks alone."""
+    out, fenced = [], False
+    for line in body.splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif not fenced and line.startswith("#"):
+            line = "#" * levels + line
+        out.append(line)
+    return "\n".join(out)
 
 
 def collect(sections: list[str]) -> str:
@@ -113,7 +243,7 @@ def collect(sections: list[str]) -> str:
             out += ["_Not run on this machine (no result file)._", ""]
         for f in found:
             body = (RESULTS / f).read_text().split("\n", 1)[1].strip()
-            out += [f"From `{f}`:", "", body, ""]
+            out += [f"From `{f}`:", "", demote_headings(body), ""]
     out += ["## Optimizer-state bytes per method", "", *sections]
     return "\n".join(out) + "\n"
 
