@@ -14,9 +14,11 @@ What each engine hands the optimizer, and what this module does about it:
 
   - a projection on the **right** (it mixes columns, which every shard holds in full: GaLore and
     DCT when ``rows >= cols``) is local to the shard: ``R_k = G_k P^T``, moments ``m_k x r``
-    (stored as DTensors sharded like the parameter), update ``N_k P``.  Only the refresh needs
-    the whole gradient: it runs on the gathered gradient (``DTensor.full_tensor``, identical on
-    every rank), every ``update_proj_gap`` steps;
+    (stored as DTensors sharded like the parameter), update ``N_k P``.  GaLore's refresh
+    needs the whole gradient: its SVD runs on the gathered gradient (``DTensor.full_tensor``,
+    identical on every rank), every ``update_proj_gap`` steps.  DCT's selection does not: each
+    rank scores the frequencies on its rows and the scores are all-reduced (``n`` floats per
+    weight instead of an all-gather of ``m n``; :meth:`DCTProjector.refresh_rows`);
   - a projection on the **left** (it mixes rows, which are split across ranks: ``rows < cols``,
     ``proj_type="left"`` or ``"full"``) runs on the gathered gradient every step; the low-rank
     moments are replicated (the same on every rank) and each rank applies the rows of the
@@ -381,6 +383,10 @@ class _RowShard(Projector):
             if self.bcast is not None:
                 return self.bcast.refresh_from_src(grad, state, group, self.src, self.pg)
             return self.inner.refresh(grad, state, group)
+        refresh_rows = getattr(self.inner, "refresh_rows", None)
+        if refresh_rows is not None and self.bcast is None:  # DCT: scores summed, no gather
+            return refresh_rows(grad, state, group, tuple(self.dgrad.shape),
+                                lambda t: dist.all_reduce(t, group=self.pg))
         full = self.dgrad.full_tensor()  # the same bits on every rank
         low = self.inner.refresh(full, state, group)
         if self.bcast is not None:  # moments are shards: send only the replicated entries

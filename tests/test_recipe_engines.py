@@ -168,6 +168,18 @@ def _fsdp_model(sst_rank=None):
     return model
 
 
+def _count_calls(obj, method: str) -> list:
+    """Record each call of ``obj.method`` (if it has one) in the returned list."""
+    calls: list = []
+    inner = getattr(obj, method, None)
+    if inner is not None:
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return inner(*args, **kwargs)
+        setattr(obj, method, counted)
+    return calls
+
+
 def _fsdp_worker(rank, world, port, out):
     _init(rank, world, port)
     for case, (name, kwargs) in SHARDED.items():
@@ -175,6 +187,7 @@ def _fsdp_worker(rank, world, port, out):
         opt = lo.create_optimizer(model, name, **kwargs)
         if case.endswith("broadcast"):
             distributed.broadcast_refreshes(opt)
+        shard_refreshes = _count_calls(getattr(opt, "projector", None), "refresh_rows")
         grads, params = [], []
         for ids in token_batches(4, batch=4, seq=32, seed=1):
             opt.zero_grad()
@@ -187,6 +200,7 @@ def _fsdp_worker(rank, world, port, out):
                    if k.startswith("exp_")]
         if rank == 0:
             torch.save({"grads": grads, "params": params, "moments": moments,
+                        "shard_refreshes": len(shard_refreshes),
                         "bytes": lo.memory.state_bytes(opt).total},
                        os.path.join(out, f"{case}.pt"))
     errors = {}
@@ -219,6 +233,8 @@ def test_fsdp2_sharded_steps_equal_unsharded_steps_or_fail_fast(tmp_path):
         # moments of shard-local steps are DTensors (checkpointed as shards), the rest plain
         assert "DTensor" in rec["moments"], case
         assert 0 < rec["bytes"] < lo.memory.state_bytes(opt).total, case
+        if name == "dct_adamw":  # 6 right-side weights per layer x 2 layers x 4 steps
+            assert rec["shard_refreshes"] == 6 * 2 * 4, rec["shard_refreshes"]
     errors = torch.load(tmp_path / "errors.pt")
     for case, (_, _, reason) in UNSHARDABLE.items():
         assert case in errors and reason in errors[case], (case, errors.get(case))

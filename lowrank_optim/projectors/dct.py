@@ -26,6 +26,7 @@ Orientation (the same for both scoring routes and for every kernel):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -189,23 +190,54 @@ class DCTProjector(Projector):
         return kernels.project(grad, q if side == "right" else q.t(), side)
 
     @staticmethod
-    def select(coeffs: torch.Tensor, rank: int, side: str, norm: str = "l2") -> torch.Tensor:
+    def top(scores: torch.Tensor, rank: int) -> torch.Tensor:
+        """Indices (int32, increasing) of the ``rank`` largest ``scores``."""
+        return torch.topk(scores, rank, sorted=False).indices.sort().values.to(torch.int32)
+
+    @classmethod
+    def select(cls, coeffs: torch.Tensor, rank: int, side: str, norm: str = "l2"
+               ) -> torch.Tensor:
         """Indices (int32, increasing) of the ``rank`` best-aligned basis vectors."""
-        scores = kernels.dct_scores(coeffs, side, norm)
-        idx = torch.topk(scores, rank, sorted=False).indices.sort().values
-        return idx.to(torch.int32)
+        return cls.top(kernels.dct_scores(coeffs, side, norm), rank)
 
     def refresh(self, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
-        side, _ = dct_side(grad.shape, group.get("proj_type", "std"))
+        return self._refresh(grad, state, group, tuple(grad.shape), None)
+
+    def refresh_rows(
+        self, rows: torch.Tensor, state: dict, group: dict, shape: tuple[int, ...],
+        all_reduce: Callable[[torch.Tensor], object],
+    ) -> torch.Tensor:
+        """Refresh from this rank's rows of a gradient of ``shape`` split by rows (FSDP2).
+
+        Right side only (the basis mixes columns, which every rank holds in full): each rank
+        scores its rows (l2: squared norms, l1: absolute sums, so partial scores add up),
+        ``all_reduce`` sums them in place across ranks, and every rank picks the same
+        frequencies without gathering the gradient: ``n`` floats of communication instead of
+        ``m n``.  Returns this rank's rows of the low-rank gradient.
+        """
+        side, _ = dct_side(shape, group.get("proj_type", "std"))
+        if side != "right":
+            raise ValueError(f"refresh_rows needs a right-side projection, not {side!r} "
+                             f"(shape {shape}, proj_type={group.get('proj_type', 'std')!r})")
+        return self._refresh(rows, state, group, shape, all_reduce)
+
+    def _refresh(self, grad: torch.Tensor, state: dict, group: dict, shape: tuple[int, ...],
+                 all_reduce: Callable[[torch.Tensor], object] | None) -> torch.Tensor:
+        side, _ = dct_side(shape, group.get("proj_type", "std"))
         acc = self._with_error(grad, state, group)
         coeffs = self.coefficients(acc, group)
-        idx = self.select(coeffs, group["rank"], side, _opt(group, "score_norm"))
+        norm = _opt(group, "score_norm")
+        scores = kernels.dct_scores(coeffs, side, norm)
+        if all_reduce is not None:  # partial scores of a row shard: make them additive
+            scores = scores.float().square() if norm == "l2" else scores.float()
+            all_reduce(scores)
+        idx = self.top(scores, group["rank"])
         old = state.get("proj_idx")
         if old is not None and _opt(group, "rotate_moments") and not torch.equal(old, idx):
             self._rotate_moments(state, group, old, idx, side)
         state["proj_idx"] = idx
         if "proj_shape" not in state:
-            state["proj_shape"] = torch.tensor(tuple(grad.shape), dtype=torch.int64)
+            state["proj_shape"] = torch.tensor(shape, dtype=torch.int64)
         low = kernels.gather_lowrank(coeffs, idx, side).to(grad.dtype)
         self._store_error(acc, low, state, group)
         return low
