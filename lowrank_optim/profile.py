@@ -183,7 +183,7 @@ def profile(
         raise ValueError(f"mode must be 'analytic' or 'measured', got {mode!r}")
     config = model_config(model)
     analytic = mode == "analytic"
-    dev = "meta" if analytic else (device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = "meta" if analytic else _measured_device(device)
     dtype = DTYPES[precision]
     net = _build(config, dev, dtype, checkpointing)
     opt = _optimizer(net, optimizer, rank, opt_args or {}, analytic)
@@ -215,6 +215,25 @@ def profile(
                       layerwise=layerwise, device=dev),
         cuda_peak=torch.cuda.max_memory_allocated() if dev.startswith("cuda") else None,
     )
+
+
+def _measured_device(device: str | None) -> str:
+    """The device of a measured run, checked: a bad name is a ``ValueError``, not a traceback."""
+    if device is None:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"device must be a torch device such as 'cpu' or 'cuda:0', got "
+                         f"{device!r}") from e
+    if dev.type == "meta":
+        raise ValueError("device='meta' is the analytic mode: pass mode='analytic' instead")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} but no CUDA GPU is available: use device='cpu' "
+                         "or the analytic mode")
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: measured mode runs on 'cpu' or 'cuda'")
+    return str(dev)
 
 
 def plot(profiles: list[MemoryProfile], path: str) -> None:

@@ -117,10 +117,12 @@ def test_cli_process_bad_input_exits_2_with_one_message():
     assert "Traceback" not in done.stderr
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="profile.main turns ValueError/TypeError/KeyError into a message; "
-                          "torch's RuntimeError for a bad --device still escapes")
-def test_bad_device_gives_a_message_not_a_traceback(capsys):
-    with pytest.raises(SystemExit):
+@pytest.mark.parametrize("device, needle", [
+    ("nonsense", "device must be a torch device"), ("meta", "analytic mode"),
+    *([] if torch.cuda.is_available() else [("cuda", "no CUDA GPU is available")])])
+def test_bad_device_gives_a_message_not_a_traceback(capsys, device, needle):
+    with pytest.raises(SystemExit) as exc:
         main(["--model", "tiny", "--optimizer", "adamw", "--mode", "measured",
-              "--device", "nonsense"])
+              "--device", device])
+    assert exc.value.code == 2
+    assert needle in capsys.readouterr().err
