@@ -117,10 +117,14 @@ def model_config(model: str):
 
 
 def _build(config, device: str, dtype: torch.dtype, checkpointing: bool):
+    import transformers
     from transformers import AutoModelForCausalLM
 
+    # ``dtype`` replaced ``torch_dtype`` in transformers 4.56 (the old name now warns)
+    major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+    key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
     with torch.device(device):
-        model = AutoModelForCausalLM.from_config(config, torch_dtype=dtype)
+        model = AutoModelForCausalLM.from_config(config, **{key: dtype})
     if checkpointing:
         model.gradient_checkpointing_enable()
     return model
