@@ -51,6 +51,22 @@ def median_time(fn: Callable[[], object], repeats: int = 5, warmup: int = 1) -> 
     return statistics.median(times)
 
 
+def block_params(config: str, device: str) -> list[torch.nn.Parameter]:
+    """One LLaMA decoder block's weights (q, k, v, o, gate, up, down) with fixed random
+    gradients, for optimizer-step benchmarks."""
+    from lowrank_optim.model_configs import LLAMA_SHAPES
+
+    hidden, inter, _, _ = LLAMA_SHAPES[config]
+    shapes = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
+    g = torch.Generator().manual_seed(0)
+    params = []
+    for shape in shapes:
+        p = torch.nn.Parameter(torch.randn(shape, generator=g).mul_(0.02).to(device))
+        p.grad = torch.randn(shape, generator=g).to(device)
+        params.append(p)
+    return params
+
+
 def write_result(name: str, title: str, body: str) -> Path:
     """Write ``benchmarks/results/<name>.md`` with a header naming the machine and date."""
     RESULTS.mkdir(parents=True, exist_ok=True)

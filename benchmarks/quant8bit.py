@@ -28,11 +28,10 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from _common import machine, median_time, write_result
+from _common import block_params, machine, median_time, write_result
 
 import lowrank_optim as lo
 from lowrank_optim.memory import state_bytes
-from lowrank_optim.model_configs import LLAMA_SHAPES
 from lowrank_optim.profile import profile
 
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
@@ -41,19 +40,6 @@ MIB = 2**20
 HP = dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2)
 
 Maker = Callable[[list[torch.nn.Parameter]], torch.optim.Optimizer]
-
-
-def block_params(config: str, device: str) -> list[torch.nn.Parameter]:
-    """One decoder block's weights with fixed random gradients."""
-    hidden, inter, _, _ = LLAMA_SHAPES[config]
-    shapes = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
-    g = torch.Generator().manual_seed(0)
-    params = []
-    for shape in shapes:
-        p = torch.nn.Parameter(torch.randn(shape, generator=g).mul_(0.02).to(device))
-        p.grad = torch.randn(shape, generator=g).to(device)
-        params.append(p)
-    return params
 
 
 def ours(kind: str, rank: int, bits: int) -> Maker:

@@ -18,25 +18,12 @@ import statistics
 import time
 
 import torch
-from _common import machine, sync, write_result
+from _common import block_params, machine, sync, write_result
 
 import lowrank_optim as lo
 from lowrank_optim.memory import state_bytes
-from lowrank_optim.model_configs import LLAMA_SHAPES
 
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
-
-
-def block_params(config: str, device: str) -> list[torch.nn.Parameter]:
-    hidden, inter, _, _ = LLAMA_SHAPES[config]
-    shapes = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
-    g = torch.Generator().manual_seed(0)
-    params = []
-    for shape in shapes:
-        p = torch.nn.Parameter(torch.randn(shape, generator=g).mul_(0.02).to(device))
-        p.grad = torch.randn(shape, generator=g).to(device)
-        params.append(p)
-    return params
 
 
 def make(name: str, params, rank: int, gap: int):

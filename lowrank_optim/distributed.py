@@ -405,10 +405,6 @@ class _RowShard(Projector):
         full = self.inner.project_back(low, state, group)
         return full[self.rows] if self.gathered else full
 
-    def apply(self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict,
-              group: dict) -> None:
-        self.apply_update(param, low, alpha, state, group)
-
     def apply_update(self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict,
                      group: dict, decay_before: float = 0.0, decay_after: float = 0.0) -> None:
         if not self.gathered:

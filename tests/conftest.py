@@ -1,3 +1,4 @@
+import io
 import os
 
 import pytest
@@ -32,3 +33,21 @@ def lm_loss(model, ids):
 @pytest.fixture
 def llama():
     return tiny_llama
+
+
+def roundtrip(obj):
+    """``torch.save`` then ``torch.load(weights_only=True)``: what a checkpoint gives back."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def assert_same_training_state(model, opt, other_model, other_opt):
+    """Parameters and optimizer state of two runs equal bit for bit, dtypes included."""
+    for (n, a), b in zip(model.named_parameters(), other_model.parameters(), strict=True):
+        assert torch.equal(a, b), f"{n} differs after resume"
+    for sa, sb in zip(opt.state.values(), other_opt.state.values(), strict=True):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k

@@ -11,12 +11,11 @@ run at half the learning rate.  About 50 s per optimizer on a loaded 2-core mach
 
 import copy
 import inspect
-import io
 import math
 
 import pytest
 import torch
-from conftest import lm_loss, tiny_llama, token_batches
+from conftest import assert_same_training_state, lm_loss, roundtrip, tiny_llama, token_batches
 
 import lowrank_optim as lo
 from lowrank_optim import quantization as q
@@ -38,13 +37,6 @@ def _run(model, opt, batches) -> list[float]:
         opt.step()
         losses.append(loss.item())
     return losses
-
-
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
 
 
 def _galore(bits: int, **kw):
@@ -299,8 +291,8 @@ def test_8bit_resume_is_bit_exact(name):
     _run(model, opt, batches)
     first = make(resumed_model)
     _run(resumed_model, first, batches[:6])
-    model_sd = _roundtrip(resumed_model.state_dict())
-    opt_sd = _roundtrip(first.state_dict())
+    model_sd = roundtrip(resumed_model.state_dict())
+    opt_sd = roundtrip(first.state_dict())
     for state in opt_sd["state"].values():
         assert all(isinstance(v, torch.Tensor) for v in state.values())
     assert any(v.dtype == torch.uint8 for s in opt_sd["state"].values() for v in s.values())
@@ -309,12 +301,7 @@ def test_8bit_resume_is_bit_exact(name):
     fresh = make(fresh_model)
     fresh.load_state_dict(opt_sd)
     _run(fresh_model, fresh, batches[6:])
-    for (n, a), b in zip(model.named_parameters(), fresh_model.parameters(), strict=True):
-        assert torch.equal(a, b), f"{n} differs after resume"
-    for sa, sb in zip(opt.state.values(), fresh.state.values(), strict=True):
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    assert_same_training_state(model, opt, fresh_model, fresh)
 
 
 # -- registry --------------------------------------------------------------------------------------

@@ -1,11 +1,10 @@
 """Exact resume: state_dict -> torch.save -> torch.load(weights_only=True) -> continue."""
 
 import copy
-import io
 
 import pytest
 import torch
-from conftest import lm_loss, tiny_llama, token_batches
+from conftest import assert_same_training_state, lm_loss, roundtrip, tiny_llama, token_batches
 
 import lowrank_optim as lo
 
@@ -26,13 +25,6 @@ def _run(model, opt, batches):
         opt.step()
 
 
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_resume_is_bit_exact(name):
     make = OPTIMIZERS[name]
@@ -45,19 +37,14 @@ def test_resume_is_bit_exact(name):
     # interrupted after 7 steps (mid refresh period), restored into fresh objects
     first = make(resumed_model)
     _run(resumed_model, first, batches[:7])
-    model_sd = _roundtrip(resumed_model.state_dict())
-    opt_sd = _roundtrip(first.state_dict())
+    model_sd = roundtrip(resumed_model.state_dict())
+    opt_sd = roundtrip(first.state_dict())
     fresh_model = tiny_llama(seed=99)
     fresh_model.load_state_dict(model_sd)
     fresh = make(fresh_model)
     fresh.load_state_dict(opt_sd)
     _run(fresh_model, fresh, batches[7:])
-    for (n, a), b in zip(model.named_parameters(), fresh_model.parameters(), strict=True):
-        assert torch.equal(a, b), f"{n} differs after resume"
-    for sa, sb in zip(opt.state.values(), fresh.state.values(), strict=True):
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    assert_same_training_state(model, opt, fresh_model, fresh)
 
 
 def test_state_dict_holds_tensors_only():
@@ -76,7 +63,7 @@ def test_bf16_state_keeps_dtypes_across_load():
     _run(model, opt, token_batches(2))
     before = {k: v.dtype for s in opt.state.values() for k, v in s.items()}
     opt2 = lo.GaLoreAdamW(lo.param_groups(model, rank=4), lr=1e-3)
-    opt2.load_state_dict(_roundtrip(opt.state_dict()))
+    opt2.load_state_dict(roundtrip(opt.state_dict()))
     after = {k: v.dtype for s in opt2.state.values() for k, v in s.items()}
     assert before == after
     assert after["refresh_step"] == torch.int64

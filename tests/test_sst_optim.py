@@ -1,11 +1,10 @@
 """SSTAdamW: the step, sampling law, schedule, re-SVD, exact resume, memory, registry, bad input."""
 
-import io
 import itertools
 
 import pytest
 import torch
-from conftest import lm_loss, tiny_llama, token_batches
+from conftest import assert_same_training_state, lm_loss, roundtrip, tiny_llama, token_batches
 from torch import nn
 
 import lowrank_optim as lo
@@ -203,13 +202,6 @@ def test_resvd_restores_orthonormality_and_keeps_the_product():
     assert [int(opt.state[m.S]["sst_resvds"]) for m in (model[0], model[2])] == [1, 0]
 
 
-def _roundtrip(obj):
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
-
-
 def test_resume_is_bit_exact_across_iterations_and_a_resvd():
     def make(model):
         sst.convert(model, rank=4)
@@ -225,18 +217,13 @@ def test_resume_is_bit_exact_across_iterations_and_a_resvd():
     interrupted = tiny_llama(seed=1, num_hidden_layers=1)
     first = make(interrupted)
     _train(interrupted, first, batches[:4])
-    model_sd, opt_sd = _roundtrip(interrupted.state_dict()), _roundtrip(first.state_dict())
+    model_sd, opt_sd = roundtrip(interrupted.state_dict()), roundtrip(first.state_dict())
     fresh_model = tiny_llama(seed=99, num_hidden_layers=1)
     fresh = make(fresh_model)
     fresh_model.load_state_dict(model_sd)
     fresh.load_state_dict(opt_sd)
     _train(fresh_model, fresh, batches[4:])
-    for (n, a), b in zip(model.named_parameters(), fresh_model.parameters(), strict=True):
-        assert torch.equal(a, b), f"{n} differs after resume"
-    for sa, sb in zip(opt.state.values(), fresh.state.values(), strict=True):
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+    assert_same_training_state(model, opt, fresh_model, fresh)
 
 
 def test_state_bytes_count_only_the_sampled_vectors_and_s():

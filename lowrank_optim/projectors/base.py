@@ -42,11 +42,15 @@ class Projector(ABC):
     def project_back(self, low: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
         """Full-size image of a low-rank tensor (for diagnostics; steps use :meth:`apply`)."""
 
-    @abstractmethod
     def apply(
         self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict, group: dict
     ) -> None:
-        """``param += alpha * project_back(low)``, fused where the backend allows."""
+        """``param += alpha * project_back(low)``, fused where the backend allows.
+
+        A projector overrides this or :meth:`apply_update` (each default calls the other):
+        the plain update, or the one that also takes the decays into its kernel.
+        """
+        self.apply_update(param, low, alpha, state, group)
 
     def apply_update(
         self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict, group: dict,

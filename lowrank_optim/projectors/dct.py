@@ -258,11 +258,6 @@ class DCTProjector(Projector):
             low, self.basis(n, low.device, low.dtype), state["proj_idx"], side
         )
 
-    def apply(
-        self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict, group: dict
-    ) -> None:
-        self.apply_update(param, low, alpha, state, group)
-
     def apply_update(
         self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict, group: dict,
         decay_before: float = 0.0, decay_after: float = 0.0,

@@ -73,11 +73,6 @@ class SVDProjector(Projector):
             values.append(cross.square().sum() / min(cross.shape))
         return torch.stack(values).mean() if values else None
 
-    def apply(
-        self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict, group: dict
-    ) -> None:
-        self.apply_update(param, low, alpha, state, group)
-
     def apply_update(
         self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict, group: dict,
         decay_before: float = 0.0, decay_after: float = 0.0,
