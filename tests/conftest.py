@@ -6,7 +6,10 @@ import torch
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# one BLAS thread per xdist worker: the workers already fill the cores, and oversubscribed
+# OpenMP threads spin at barriers (an SVD then runs up to 50x slower)
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
 
 
 def tiny_llama(seed: int = 0, **overrides):
