@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -54,6 +55,7 @@ BASELINES: dict[str, type[torch.optim.Optimizer]] = {
 #: converts the targeted nn.Linear layers to SpectralLinear before building its groups
 MODEL_BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sst_adamw": create_sst_adamw,
+    "sst_adamw8bit": functools.partial(create_sst_adamw, bits=8),
 }
 
 
@@ -80,10 +82,11 @@ def create_optimizer(
     ``weight_decay`` ...) go to the optimizer.  Baselines (``"adamw"``) ignore projection keys.
     ``update_proj_gap`` and ``scale`` default per optimizer: 200 and 0.25 (GaLore's paper
     settings), 1 and 1.0 for ``dct_*`` (see :data:`PROJECTION_DEFAULTS_BY_NAME`).
-    ``"galore_adamw8bit"`` and ``"dct_adamw8bit"`` keep 8-bit moments (``bits=8``; any
-    Adam-based name takes ``bits=8`` as a keyword too).
-    ``"sst_adamw"`` converts ``model``'s targeted layers to ``SpectralLinear`` in place (unless
-    it already has some) and takes SST arguments (``iteration_length`` ...) as optimizer kwargs.
+    ``"galore_adamw8bit"``, ``"dct_adamw8bit"`` and ``"sst_adamw8bit"`` keep 8-bit moments
+    (``bits=8``; any Adam-based name takes ``bits=8`` as a keyword too).
+    ``"sst_adamw"`` / ``"sst_adamw8bit"`` convert ``model``'s targeted layers to
+    ``SpectralLinear`` in place (unless it already has some) and take SST arguments
+    (``iteration_length`` ...) as optimizer kwargs.
 
     Examples
     --------

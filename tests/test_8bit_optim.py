@@ -314,6 +314,10 @@ def test_registry_names_and_bits_keyword():
     assert opt.param_groups[0]["update_proj_gap"] == 1  # the DCT defaults
     opt = lo.create_optimizer(model, "galore_adamw", rank=8, bits=8)
     assert {g["bits"] for g in opt.param_groups} == {8}
+    opt = lo.create_optimizer(tiny_llama(), "sst_adamw8bit", rank=8)
+    assert type(opt) is lo.SSTAdamW and {g["bits"] for g in opt.param_groups} == {8}
+    opt = lo.create_optimizer(tiny_llama(), "sst_adamw8bit", rank=8, bits=32)  # caller wins
+    assert {g["bits"] for g in opt.param_groups} == {32}
 
 
 def test_sst_adamw_with_8bit_state_trains():
