@@ -34,7 +34,7 @@ SCRIPTS = [
      "Sparse Spectral Training vs LoRA vs full-rank AdamW"),
     ("loss_curves.py", [], ["--quick"], ["loss_curves_cpu.md", "loss_curves_cuda.md"],
      "Loss curves on the embedded corpus"),
-    ("kernel_speed.py", [], [], ["kernels_cuda.md", "kernels_cpu_reference.md"],
+    ("kernels.py", [], [], ["kernels_cuda.md", "kernels_cpu_reference.md"],
      "Triton kernels vs the unfused torch path"),
 ]
 

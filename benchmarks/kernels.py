@@ -5,10 +5,10 @@ For every kernel the table gives the median time, the FLOP rate (GEMMs) and the 
 bandwidth (the minimum bytes the operation must move, divided by the time; the same numerator
 for every implementation), and the speed-up against the torch reference as a ratio.
 
-    python benchmarks/kernel_speed.py                  # CUDA GPU: Triton vs torch, fp32 and bf16
-    python benchmarks/kernel_speed.py --dtype bf16     # one dtype
-    python benchmarks/kernel_speed.py --write          # also writes results/kernels_<gpu>.md
-    python benchmarks/kernel_speed.py --cpu-reference  # no GPU: times the torch path on the CPU at
+    python benchmarks/kernels.py                  # CUDA GPU: Triton vs torch, fp32 and bf16
+    python benchmarks/kernels.py --dtype bf16     # one dtype
+    python benchmarks/kernels.py --write          # also writes results/kernels_<gpu>.md
+    python benchmarks/kernels.py --cpu-reference  # no GPU: times the torch path on the CPU at
                                                   # small shapes (exercises the script)
 
 Without CUDA (and without ``--cpu-reference``) it prints why and exits 0.
@@ -177,7 +177,7 @@ def main() -> int:
         torch.set_num_threads(1)
         device, shapes, ranks, timer, triton = "cpu", CPU_SHAPES, CPU_RANKS, time_cpu, False
     elif not torch.cuda.is_available():
-        print("benchmarks/kernel_speed.py needs a CUDA GPU (the Triton kernels run only there; "
+        print("benchmarks/kernels.py needs a CUDA GPU (the Triton kernels run only there; "
               "TRITON_INTERPRET timings are meaningless). No CUDA device found: nothing to "
               "measure. Use --cpu-reference to time the torch reference path on the CPU.")
         return 0
