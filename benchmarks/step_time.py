@@ -1,4 +1,5 @@
-"""Optimizer step time and state bytes on LLaMA-shaped layers: torch AdamW, galore-torch, ours.
+"""Optimizer step time and state bytes on LLaMA-shaped layers: torch AdamW, galore-torch, ours
+(GaLore, GaLore 8-bit, DCT).
 
 For each config, the seven weight matrices of one decoder block (q, k, v, o, gate, up, down)
 get fixed random gradients and each optimizer steps them.  Steady steps (subspace kept) and
@@ -26,9 +27,20 @@ from lowrank_optim.memory import state_bytes
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
 
 
+#: the optimizers compared; DCT re-selects its subspace every step (its default), so all its
+#: steps are refresh steps and the gap does not apply to it
+NAMES = ["torch AdamW", "galore-torch", "lowrank_optim", "lowrank_optim DCT", "lowrank_optim 8-bit"]
+EVERY_STEP = {"lowrank_optim DCT"}
+NO_SUBSPACE = {"torch AdamW"}
+
+
 def make(name: str, params, rank: int, gap: int):
     group = [{"params": params, "rank": rank, "update_proj_gap": gap, "scale": 0.25,
               "proj_type": "std"}]
+    if name == "lowrank_optim DCT":
+        return lo.DCTAdamW([{**group[0], "update_proj_gap": 1}], lr=1e-3)
+    if name == "lowrank_optim 8-bit":
+        return lo.GaLoreAdamW8bit(group, lr=1e-3)
     if name == "torch AdamW":
         return torch.optim.AdamW(params, lr=1e-3)
     if name == "galore-torch":
@@ -59,7 +71,7 @@ def measure(names: list[str], config: str, device: str, gap: int, steady_steps: 
     rank = RANKS[config]
     steady_opts = {n: make(n, block_params(config, device), rank, 10**9) for n in names}
     refresh_opts = {n: make(n, block_params(config, device), rank, 1) for n in names
-                    if n != "torch AdamW"}
+                    if n not in NO_SUBSPACE | EVERY_STEP}
     for opt in [*steady_opts.values(), *refresh_opts.values()]:
         opt.step()  # allocation + first subspace: not timed
     times: dict[str, list[float]] = {n: [] for n in names}
@@ -91,13 +103,16 @@ def main() -> None:
     args = ap.parse_args()
     if args.quick:
         args.steady_steps, args.refreshes = 10, 3
-    names = ["torch AdamW", "galore-torch", "lowrank_optim"]
+    names = NAMES
     load = os.getloadavg()[0]
     lines = [f"fp32, one decoder block's 7 weight matrices with fixed random gradients, "
-             f"std projection. The three optimizers step in turn (rotating order), medians of "
+             f"std projection. The optimizers step in turn (rotating order), medians of "
              f"{args.steady_steps} steady steps (subspace kept) and {args.refreshes} refresh "
              f"steps (new SVD); 'amortised' = steady + (refresh - steady) / {args.gap}, i.e. "
-             f"update_proj_gap={args.gap} as in the paper. Ratios against galore-torch.",
+             f"update_proj_gap={args.gap} as in the paper. 'lowrank_optim' is GaLoreAdamW, "
+             "'8-bit' GaLoreAdamW8bit (block-wise 8-bit moments), 'DCT' DCTAdamW with its "
+             "default new selection every step (every step timed as it runs). Ratios against "
+             "galore-torch.",
              "", "| config | rank | optimizer | steady ms/step | refresh-step ms | amortised "
              "ms/step | state MiB | steady / galore-torch | amortised / galore-torch "
              "| state / galore-torch |", "|---|---|---|---|---|---|---|---|---|---|"]
@@ -106,7 +121,7 @@ def main() -> None:
         ts_ref, _, ta_ref, b_ref = res["galore-torch"]
         for n in names:
             ts, tr, ta, b = res[n]
-            fresh = "-" if n == "torch AdamW" else f"{tr * 1e3:.1f}"
+            fresh = "-" if n in NO_SUBSPACE | EVERY_STEP else f"{tr * 1e3:.1f}"
             lines.append(f"| {config} | {RANKS[config]} | {n} | {ts * 1e3:.2f} | {fresh} "
                          f"| {ta * 1e3:.2f} | {b / 2**20:.2f} | {ts / ts_ref:.2f} "
                          f"| {ta / ta_ref:.2f} | {b / b_ref:.2f} |")
