@@ -38,6 +38,18 @@ def llama():
     return tiny_llama
 
 
+def train(model, opt, batches) -> list[float]:
+    """One ``opt`` step per batch of ``lm_loss``; returns the losses."""
+    losses = []
+    for ids in batches:
+        opt.zero_grad()
+        loss = lm_loss(model, ids)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
 def roundtrip(obj):
     """``torch.save`` then ``torch.load(weights_only=True)``: what a checkpoint gives back."""
     buf = io.BytesIO()
@@ -54,3 +66,23 @@ def assert_same_training_state(model, opt, other_model, other_opt):
         assert sa.keys() == sb.keys()
         for k in sa:
             assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def resume_midway(make, build, seed: int, batches, split: int):
+    """Train ``build(seed)`` with ``make`` on ``batches[:split]``, checkpoint model and optimizer
+    through :func:`roundtrip`, restore both into fresh objects (``build(99)``: other initial
+    weights, so the load must do the work) and train on ``batches[split:]``.
+
+    ``make`` runs before the model's weights are loaded, since it may change the model (SST
+    converts its layers).  Returns ``(model, optimizer, loaded optimizer state dict)``.
+    """
+    model = build(seed)
+    opt = make(model)
+    train(model, opt, batches[:split])
+    model_sd, opt_sd = roundtrip(model.state_dict()), roundtrip(opt.state_dict())
+    fresh_model = build(99)
+    fresh = make(fresh_model)
+    fresh_model.load_state_dict(model_sd)
+    fresh.load_state_dict(opt_sd)
+    train(fresh_model, fresh, batches[split:])
+    return fresh_model, fresh, opt_sd

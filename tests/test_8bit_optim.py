@@ -15,7 +15,13 @@ import math
 
 import pytest
 import torch
-from conftest import assert_same_training_state, lm_loss, roundtrip, tiny_llama, token_batches
+from conftest import (
+    assert_same_training_state,
+    resume_midway,
+    tiny_llama,
+    token_batches,
+    train,
+)
 
 import lowrank_optim as lo
 from lowrank_optim import quantization as q
@@ -26,17 +32,6 @@ STEPS = 100
 MARGIN = 0.03
 SMOOTH = 10
 BLOCK = 256
-
-
-def _run(model, opt, batches) -> list[float]:
-    losses = []
-    for ids in batches:
-        opt.zero_grad()
-        loss = lm_loss(model, ids)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
 
 
 def _galore(bits: int, **kw):
@@ -242,7 +237,7 @@ def test_8bit_moment_bytes_are_exact_and_about_a_quarter(name):
     for bits in (32, 8):
         m = copy.deepcopy(model)
         opts[bits] = lo.create_optimizer(m, name, rank=8, bits=bits, min_8bit_size=0)
-        _run(m, opts[bits], batches)
+        train(m, opts[bits], batches)
     b32, b8 = state_bytes(opts[32]), state_bytes(opts[8])
     numels = [v.numel() for s in opts[32].state.values() for k, v in s.items()
               if k.startswith("exp_")]
@@ -260,7 +255,7 @@ def test_profiler_reports_the_exact_8bit_bytes():
     """The analytic (meta-device) profile counts what the real optimizer holds, byte for byte."""
     model = tiny_llama()
     opt = lo.create_optimizer(model, "galore_adamw8bit", rank=8)
-    _run(model, opt, token_batches(1))
+    train(model, opt, token_batches(1))
     measured = state_bytes(opt)
     assert measured.moments == _expected_moment_bytes(opt)
     assert any(k.endswith("_codes") for s in opt.state.values() for k in s)  # not vacuous
@@ -286,21 +281,12 @@ def test_8bit_resume_is_bit_exact(name):
     make = RESUMABLE[name]
     batches = token_batches(12, seed=3)
     model = tiny_llama(seed=1)
-    resumed_model = copy.deepcopy(model)
     opt = make(model)
-    _run(model, opt, batches)
-    first = make(resumed_model)
-    _run(resumed_model, first, batches[:6])
-    model_sd = roundtrip(resumed_model.state_dict())
-    opt_sd = roundtrip(first.state_dict())
+    train(model, opt, batches)
+    fresh_model, fresh, opt_sd = resume_midway(make, tiny_llama, 1, batches, 6)
     for state in opt_sd["state"].values():
         assert all(isinstance(v, torch.Tensor) for v in state.values())
     assert any(v.dtype == torch.uint8 for s in opt_sd["state"].values() for v in s.values())
-    fresh_model = tiny_llama(seed=99)
-    fresh_model.load_state_dict(model_sd)
-    fresh = make(fresh_model)
-    fresh.load_state_dict(opt_sd)
-    _run(fresh_model, fresh, batches[6:])
     assert_same_training_state(model, opt, fresh_model, fresh)
 
 
@@ -323,7 +309,7 @@ def test_registry_names_and_bits_keyword():
 def test_sst_adamw_with_8bit_state_trains():
     model = tiny_llama()
     opt = lo.create_optimizer(model, "sst_adamw", rank=8, bits=8, min_8bit_size=0, lr=3e-3)
-    losses = _run(model, opt, token_batches(12, seed=4))
+    losses = train(model, opt, token_batches(12, seed=4))
     assert _moment_keys(opt) == {"exp_avg_codes", "exp_avg_absmax", "exp_avg_sq_codes",
                                  "exp_avg_sq_absmax"}
     assert losses[-1] < losses[0] - 1.0
@@ -335,13 +321,13 @@ def _smooth(losses: list[float]) -> list[float]:
 
 
 @pytest.mark.parametrize("make", [_galore, _dct], ids=["GaLoreAdamW", "DCTAdamW"])
-def test_8bit_run_tracks_the_32bit_run(make):
+def test_8bit_run_tracks_the_32bittrain(make):
     batches = token_batches(STEPS, seed=10)
     runs, models, opts = {}, {}, {}
     for bits in (32, 8):
         models[bits] = tiny_llama(seed=0)
         opts[bits] = make(bits)(models[bits])
-        runs[bits] = _smooth(_run(models[bits], opts[bits], batches))
+        runs[bits] = _smooth(train(models[bits], opts[bits], batches))
     gaps = [abs(a - b) for a, b in zip(runs[8], runs[32], strict=True)]
     worst = max(gaps)
     summary = (f"largest gap {worst:.4f} at step {gaps.index(worst) + SMOOTH}, final "

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import scipy.fft
 import torch
-from conftest import lm_loss, tiny_llama, token_batches
+from conftest import tiny_llama, token_batches, train
 
 import lowrank_optim as lo
 from lowrank_optim.memory import state_bytes
@@ -126,20 +126,13 @@ RESUME = {
 }
 
 
-def _train(model, opt, batches):
-    for ids in batches:
-        opt.zero_grad()
-        lm_loss(model, ids).backward()
-        opt.step()
-
-
 @pytest.mark.parametrize("name", list(RESUME))
 def test_resume_is_bit_exact_with_weights_only_load(name):
     make = RESUME[name]
     batches = token_batches(10, seed=4)
     model = tiny_llama(seed=3)
     opt = make(model)
-    _train(model, opt, batches[:5])
+    train(model, opt, batches[:5])
 
     buf = io.BytesIO()
     torch.save(opt.state_dict(), buf)
@@ -155,8 +148,8 @@ def test_resume_is_bit_exact_with_weights_only_load(name):
             assert st["proj_idx"].dtype == torch.int32 and st["proj_shape"].dtype == torch.int64
             assert all(not v.is_floating_point() for k, v in st.items() if k.startswith("proj"))
 
-    _train(model, opt, batches[5:])
-    _train(resumed_model, resumed, batches[5:])
+    train(model, opt, batches[5:])
+    train(resumed_model, resumed, batches[5:])
     for (name_, p), q in zip(model.named_parameters(), resumed_model.parameters(), strict=True):
         assert torch.equal(p, q), name_
     assert any(not torch.equal(p, q) for p, q in
@@ -167,7 +160,7 @@ def test_resume_is_bit_exact_with_weights_only_load(name):
 def _one_step(make):
     model = tiny_llama(seed=0)
     opt = make(model)
-    _train(model, opt, token_batches(1))
+    train(model, opt, token_batches(1))
     return model, opt
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import lm_loss, tiny_llama, token_batches
+from conftest import lm_loss, tiny_llama, token_batches, train
 
 import lowrank_optim as lo
 from lowrank_optim.memory import adamw_state_bytes, state_bytes
@@ -61,19 +61,12 @@ def test_create_optimizer_builds_projected_groups():
     assert {"galore_adamw", "galore_adafactor", "adamw"} <= set(lo.available())
 
 
-def _train(opt, model, steps=3):
-    for ids in token_batches(steps):
-        opt.zero_grad()
-        lm_loss(model, ids).backward()
-        opt.step()
-
-
 def test_state_bytes_match_the_analytic_count():
     model = tiny_llama()
     r = 8
     groups = lo.param_groups(model, rank=r, update_proj_gap=2)
     opt = lo.GaLoreAdamW(groups)
-    _train(opt, model)
+    train(model, opt, token_batches(3))
     expected = {"moments": 0, "projectors": 0, "other": 0}
     for p in groups[0]["params"]:
         m, n = p.shape
@@ -97,8 +90,8 @@ def test_state_bytes_not_above_galore_torch_at_equal_rank():
     a, b = tiny_llama(), tiny_llama()
     ours = lo.GaLoreAdamW(lo.param_groups(a, **kw))
     ref = galore_torch.GaLoreAdamW(lo.param_groups(b, **kw))
-    _train(ours, a)
-    _train(ref, b)
+    train(a, ours, token_batches(3))
+    train(b, ref, token_batches(3))
     mine, theirs = state_bytes(ours), state_bytes(ref)
     assert mine.moments == theirs.moments
     assert mine.projectors < theirs.projectors

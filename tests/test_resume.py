@@ -1,10 +1,15 @@
 """Exact resume: state_dict -> torch.save -> torch.load(weights_only=True) -> continue."""
 
-import copy
-
 import pytest
 import torch
-from conftest import assert_same_training_state, lm_loss, roundtrip, tiny_llama, token_batches
+from conftest import (
+    assert_same_training_state,
+    resume_midway,
+    roundtrip,
+    tiny_llama,
+    token_batches,
+    train,
+)
 
 import lowrank_optim as lo
 
@@ -18,39 +23,22 @@ OPTIMIZERS = {
 }
 
 
-def _run(model, opt, batches):
-    for ids in batches:
-        opt.zero_grad()
-        lm_loss(model, ids).backward()
-        opt.step()
-
-
 @pytest.mark.parametrize("name", sorted(OPTIMIZERS))
 def test_resume_is_bit_exact(name):
     make = OPTIMIZERS[name]
     batches = token_batches(14, seed=3)
-    # uninterrupted
-    model = tiny_llama(seed=1)
-    resumed_model = copy.deepcopy(model)
+    model = tiny_llama(seed=1)  # uninterrupted
     opt = make(model)
-    _run(model, opt, batches)
+    train(model, opt, batches)
     # interrupted after 7 steps (mid refresh period), restored into fresh objects
-    first = make(resumed_model)
-    _run(resumed_model, first, batches[:7])
-    model_sd = roundtrip(resumed_model.state_dict())
-    opt_sd = roundtrip(first.state_dict())
-    fresh_model = tiny_llama(seed=99)
-    fresh_model.load_state_dict(model_sd)
-    fresh = make(fresh_model)
-    fresh.load_state_dict(opt_sd)
-    _run(fresh_model, fresh, batches[7:])
+    fresh_model, fresh, _ = resume_midway(make, tiny_llama, 1, batches, 7)
     assert_same_training_state(model, opt, fresh_model, fresh)
 
 
 def test_state_dict_holds_tensors_only():
     model = tiny_llama()
     opt = OPTIMIZERS["galore_adamw"](model)
-    _run(model, opt, token_batches(2))
+    train(model, opt, token_batches(2))
     for state in opt.state_dict()["state"].values():
         for key, value in state.items():
             assert isinstance(value, torch.Tensor), key
@@ -60,7 +48,7 @@ def test_bf16_state_keeps_dtypes_across_load():
     """torch casts floating state to the param dtype on load; we keep state dtypes as saved."""
     model = tiny_llama().to(torch.bfloat16)
     opt = lo.GaLoreAdamW(lo.param_groups(model, rank=4), lr=1e-3)
-    _run(model, opt, token_batches(2))
+    train(model, opt, token_batches(2))
     before = {k: v.dtype for s in opt.state.values() for k, v in s.items()}
     opt2 = lo.GaLoreAdamW(lo.param_groups(model, rank=4), lr=1e-3)
     opt2.load_state_dict(roundtrip(opt.state_dict()))

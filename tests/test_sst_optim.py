@@ -4,7 +4,13 @@ import itertools
 
 import pytest
 import torch
-from conftest import assert_same_training_state, lm_loss, roundtrip, tiny_llama, token_batches
+from conftest import (
+    assert_same_training_state,
+    resume_midway,
+    tiny_llama,
+    token_batches,
+    train,
+)
 from torch import nn
 
 import lowrank_optim as lo
@@ -21,13 +27,6 @@ def _mlp(seed: int = 0, rank: int = 3) -> nn.Module:
 def _backward(model: nn.Module, seed: int = 0) -> None:
     x = torch.randn(32, 16, generator=torch.Generator().manual_seed(seed))
     model(x).sin().sum().backward()
-
-
-def _train(model, opt, batches):
-    for ids in batches:
-        opt.zero_grad()
-        lm_loss(model, ids).backward()
-        opt.step()
 
 
 @pytest.mark.parametrize("warmup", [0, 4])
@@ -211,18 +210,11 @@ def test_resume_is_bit_exact_across_iterations_and_a_resvd():
     batches = token_batches(10, batch=2, seq=16, seed=3)  # draws after steps 3 and 9, a
     model = tiny_llama(seed=1, num_hidden_layers=1)  # re-SVD after step 6
     opt = make(model)
-    _train(model, opt, batches)
+    train(model, opt, batches)
     assert opt.schedule_state() == {"step": 10, "draws": 4, "resvds": 1}
 
-    interrupted = tiny_llama(seed=1, num_hidden_layers=1)
-    first = make(interrupted)
-    _train(interrupted, first, batches[:4])
-    model_sd, opt_sd = roundtrip(interrupted.state_dict()), roundtrip(first.state_dict())
-    fresh_model = tiny_llama(seed=99, num_hidden_layers=1)
-    fresh = make(fresh_model)
-    fresh_model.load_state_dict(model_sd)
-    fresh.load_state_dict(opt_sd)
-    _train(fresh_model, fresh, batches[4:])
+    fresh_model, fresh, _ = resume_midway(
+        make, lambda seed: tiny_llama(seed=seed, num_hidden_layers=1), 1, batches, 4)
     assert_same_training_state(model, opt, fresh_model, fresh)
 
 
@@ -231,7 +223,7 @@ def test_state_bytes_count_only_the_sampled_vectors_and_s():
     model = tiny_llama()
     opt = lo.create_optimizer(model, "sst_adamw", rank=rank, lr=1e-3)
     assert isinstance(opt, lo.SSTAdamW) and sst.spectral_modules(model)
-    _train(model, opt, token_batches(1))
+    train(model, opt, token_batches(1))
     layers = opt.spectral_layers()
     rest = [p for g in opt.param_groups if g["rank"] is None for p in g["params"]]
     fp32 = 4
