@@ -194,12 +194,6 @@ class DCTProjector(Projector):
         """Indices (int32, increasing) of the ``rank`` largest ``scores``."""
         return torch.topk(scores, rank, sorted=False).indices.sort().values.to(torch.int32)
 
-    @classmethod
-    def select(cls, coeffs: torch.Tensor, rank: int, side: str, norm: str = "l2"
-               ) -> torch.Tensor:
-        """Indices (int32, increasing) of the ``rank`` best-aligned basis vectors."""
-        return cls.top(kernels.dct_scores(coeffs, side, norm), rank)
-
     def refresh(self, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
         return self._refresh(grad, state, group, tuple(grad.shape), None)
 
