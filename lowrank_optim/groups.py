@@ -9,6 +9,8 @@ from typing import Any
 
 from torch import nn
 
+from lowrank_optim.quantization import BITS
+
 logger = logging.getLogger("lowrank_optim")
 
 TargetModules = str | Sequence[str]
@@ -68,6 +70,37 @@ def select_linear_weights(
     return selected, ignored
 
 
+def embedding_param_ids(model: nn.Module) -> set[int]:
+    """``id`` of every ``nn.Embedding`` weight of ``model`` (a tied output head included)."""
+    return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+
+
+def plain_groups(
+    model: nn.Module, rest: list[tuple[str, nn.Parameter]], embedding_bits: int | None = None
+) -> list[dict[str, Any]]:
+    """The unprojected param groups of ``rest`` (``(name, param)`` pairs).
+
+    ``embedding_bits=32`` puts ``nn.Embedding`` weights in a group of their own with
+    ``bits=32`` (32-bit moments whatever the optimizer's ``bits``): the established practice
+    for 8-bit optimizers (the HF Trainer registers this override with bitsandbytes for every
+    ``nn.Embedding``), because an embedding row only gets a gradient when its token is in the
+    batch.  ``None`` keeps them with the other tensors.
+    """
+    if embedding_bits is not None:
+        if isinstance(embedding_bits, bool) or embedding_bits not in BITS:
+            raise ValueError(f"Invalid embedding_bits={embedding_bits!r}: choose 32 (32-bit "
+                             "moments for nn.Embedding weights), 8, or None (follow `bits`).")
+    emb = embedding_param_ids(model) if embedding_bits is not None else set()
+    split = [[(n, p) for n, p in rest if id(p) not in emb], [(n, p) for n, p in rest
+                                                               if id(p) in emb]]
+    groups = []
+    for pairs, extra in zip(split, ({}, {"bits": embedding_bits}), strict=True):
+        if pairs:
+            groups.append({"params": [p for _, p in pairs],
+                           "param_names": [n for n, _ in pairs], **extra})
+    return groups
+
+
 def param_groups(
     model: nn.Module,
     target_modules: TargetModules = "all-linear",
@@ -76,6 +109,7 @@ def param_groups(
     update_proj_gap: int | None = 200,
     scale: float = 0.25,
     proj_type: str = "std",
+    embedding_bits: int | None = None,
     **group_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Split ``model``'s trainable parameters into a projected group and a plain group.
@@ -91,6 +125,11 @@ def param_groups(
     rank, update_proj_gap, scale, proj_type
         Projection settings of the projected group (paper defaults for LLaMA pretraining:
         scale 0.25, gap 200).
+    embedding_bits
+        ``32``: ``nn.Embedding`` weights get a group of their own with ``bits=32`` (32-bit
+        moments under an 8-bit optimizer, see :func:`plain_groups`; what
+        :func:`~lowrank_optim.create_optimizer` does for 8-bit optimizers); ``None`` (default)
+        leaves them in the plain group.
     **group_kwargs
         Extra keys for the projected group only (e.g. a different ``lr``).
 
@@ -104,12 +143,15 @@ def param_groups(
         is logged to the ``lowrank_optim`` logger instead of a warning per module.
     """
     selected, ignored = select_linear_weights(model, target_modules)
-    too_small = [(n, p) for n, p in selected if min(p.shape) < rank]
-    selected = [(n, p) for n, p in selected if min(p.shape) >= rank]
+    # ZeRO-3 partitioned weights (deepspeed.zero.Init) are empty 1-D slices: judge them by their
+    # full shape, so that the optimizer's layout check names them instead of "rank exceeds 0"
+    too_small = [(n, p) for n, p in selected if min(getattr(p, "ds_shape", p.shape)) < rank]
+    selected = [(n, p) for n, p in selected if min(getattr(p, "ds_shape", p.shape)) >= rank]
     if not selected and too_small:
         raise ValueError(
             f"rank={rank} exceeds min(m, n) of every targeted weight (largest min dimension "
-            f"{max(min(p.shape) for _, p in too_small)}); choose a smaller rank."
+            f"{max(min(getattr(p, 'ds_shape', p.shape)) for _, p in too_small)}); choose a "
+            "smaller rank."
         )
     if not selected:
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
@@ -130,8 +172,7 @@ def param_groups(
         "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type,
         **group_kwargs,
     }]
-    if rest:
-        groups.append({"params": [p for _, p in rest], "param_names": [n for n, _ in rest]})
+    groups += plain_groups(model, rest, embedding_bits)
     n_low = sum(p.numel() for _, p in selected)
     n_rest = sum(p.numel() for _, p in rest)
     summary = (f"lowrank_optim: rank-{rank} projection for {len(selected)} Linear weights "

@@ -10,12 +10,27 @@ midpoints below it (``torch.bucketize``), found through a lookup table on the fl
 Two tables:
 
 * ``"linear"``: evenly spaced.  Error bound ``|x - q(x)| <= absmax / 254`` (signed) or
-  ``absmax / 510`` (unsigned): half a step.
+  ``absmax / 510`` (unsigned): half a step (a whole step, ``absmax / 255``, for positive
+  values below the unsigned table's first level: they round up, see below).
 * ``"dynamic"``: decades ``10^-e`` (e = 0 .. 6 signed, 0 .. 7 unsigned), each split linearly,
   with more levels for the larger decades (the idea of Dettmers et al.'s dynamic tree
   quantisation, implemented from the description).  Relative error is bounded per decade, so
   small moments inside a block with one large entry keep their magnitude; the bound for each
   value is the half-gap of the table around it (:func:`error_bound`).
+
+Second moments never flush to zero.  Adam divides by ``sqrt(V) + eps``: a second moment
+stored as 0 while its first moment is not turns into a step of ``M / eps`` (with eps 1e-8, up
+to 10^4 times Adam's normal step), and that is what happens to rows that get no gradient in a
+step (e.g. embedding rows of tokens absent from the batch) when the rest of their block is
+large: ``V`` decays below the table's range long before ``M`` does (``V`` spans the square of
+``M``'s range).  So the first decision boundary of the unsigned table is 0 instead of a
+midpoint: a positive value below the smallest level rounds *up* to it (a smaller step, never a
+larger one), and only an exact zero is stored as zero.  Bound per element (what the tests
+check): each stored moment is within :func:`error_bound` of its fp32 value, and a positive
+second moment stays positive, so the 8-bit direction ``M' / (sqrt(V') + eps)`` lies between
+the fp32 directions at the corners ``M -/+ e_M``, ``V +/- e_V`` of that box
+(:func:`adam_direction_bounds`): it is finite and bounded by the moments, never by
+``1 / eps``, and an element whose moments are zero gets exactly zero update.
 
 Codes and scales are plain tensors (uint8 + fp32), so a quantised state is tensors only.
 This module is the specification: :func:`lowrank_optim.kernels.quantize_blockwise` /
@@ -88,7 +103,10 @@ def _device_table(code: str, signed: bool, device: torch.device) -> torch.Tensor
 @cache
 def _device_midpoints(code: str, signed: bool, device: torch.device) -> torch.Tensor:
     values = _device_table(code, signed, device)
-    return (values[1:] + values[:-1]) / 2
+    mids = (values[1:] + values[:-1]) / 2
+    if not signed:  # no flush to zero: every positive value gets at least the first level
+        mids[0] = 0.0
+    return mids
 
 
 def table(code: str, signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -103,7 +121,11 @@ def table(code: str, signed: bool, device: torch.device | str = "cpu") -> torch.
 
 def midpoints(code: str, signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
     """The 255 decision boundaries (fp32) between consecutive :func:`table` entries: a value
-    ``x`` (normalised by its block's absmax) gets the code ``#{boundaries < x}``.  Shared."""
+    ``x`` (normalised by its block's absmax) gets the code ``#{boundaries < x}``.  Shared.
+
+    Boundaries are the midpoints of consecutive entries, except the first boundary of the
+    unsigned table, which is 0: a positive value is never stored as zero but rounds up to the
+    smallest positive level (see the module notes on second moments)."""
     table(code, signed)  # validates the name
     return _device_midpoints(code, signed, torch.device(device))
 
@@ -209,12 +231,57 @@ def dequantize(
 
 def error_bound(x: torch.Tensor, absmax_per_elem: torch.Tensor, code: str, signed: bool
                 ) -> torch.Tensor:
-    """Per-element bound on ``|x - dequantize(quantize(x))|``: half the table gap around x."""
+    """Per-element bound on ``|x - dequantize(quantize(x))|``: half the table gap around x
+    (the whole first gap for positive values below the unsigned table's first level, which
+    round up to it)."""
     values = table(code, signed, x.device)
     normed = (x / absmax_per_elem.clamp_min(torch.finfo(torch.float32).tiny)).clamp(-1, 1)
     hi = torch.bucketize(normed, values).clamp(1, values.numel() - 1)
     gap = values[hi] - values[hi - 1]
+    if not signed:
+        gap = torch.where(hi == 1, gap * 2, gap)
     return gap / 2 * absmax_per_elem * (1 + 1e-5) + 1e-30
+
+
+def adam_direction_bounds(
+    m: torch.Tensor, v: torch.Tensor, grad: torch.Tensor, beta1: float, beta2: float,
+    eps: float, block_size: int = 256, code: str = "dynamic", denom_correction: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stated bound of the 8-bit Adam step: ``(low, high)`` per element.
+
+    The step whose stored moments are the 8-bit round trips ``M'``, ``V'`` of the fp32
+    moments ``m``, ``v`` computes ``N' = A / (sqrt(B) / c + eps)`` with ``A = beta1 M' +
+    (1 - beta1) grad`` and ``B = beta2 V' + (1 - beta2) grad^2`` (``c = denom_correction``:
+    ``sqrt(1 - beta2^t)`` for ``formula="torch"``, 1 otherwise); the fp32 step computes the
+    same from ``m``, ``v``.  With ``|M' - m| <= e_M`` and ``|V' - v| <= e_V``
+    (:func:`error_bound`) and ``V' >= min(v, first level)`` for ``v > 0`` (no flush to zero),
+    both directions lie in ``[low, high]``: ``N`` is monotonic in ``A`` and in ``B``, so its
+    extremes over the box are at its corners.
+    """
+    def per_element(x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1).float()
+        blocks = num_blocks(flat.numel(), block_size)
+        padded = torch.nn.functional.pad(flat, (0, blocks * block_size - flat.numel()))
+        absmax = padded.view(blocks, block_size).abs().amax(1)
+        return absmax.repeat_interleave(block_size)[: flat.numel()].view(x.shape)
+
+    m, v, grad = m.float(), v.float(), grad.float()
+    absmax_v = per_element(v)
+    # exact zeros are stored exactly (both tables hold 0)
+    e_m = torch.where(m == 0, 0.0, error_bound(m, per_element(m), code, True))
+    e_v = torch.where(v == 0, 0.0, error_bound(v, absmax_v, code, False))
+    first_level = float(table(code, False)[1]) * absmax_v
+    v_low = torch.where(v > 0, torch.maximum(v - e_v, torch.minimum(v, first_level)),
+                        torch.zeros_like(v))
+
+    def direction(mm: torch.Tensor, vv: torch.Tensor) -> torch.Tensor:
+        a = beta1 * mm + (1 - beta1) * grad
+        b = beta2 * vv + (1 - beta2) * grad * grad
+        return a / (b.sqrt() / denom_correction + eps)
+
+    corners = torch.stack([direction(mm, vv) for mm in (m - e_m, m + e_m)
+                           for vv in (v_low, v + e_v)])
+    return corners.amin(0), corners.amax(0)
 
 
 def nbytes(numel: int, block_size: int) -> int:

@@ -95,6 +95,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     optim_bits
         Accepted and ignored, as by galore-torch's class (its state is always 8-bit); use
         :class:`GaLoreAdamW` for 32-bit state.
+    bits
+        Accepted for the registry's uniform ``bits=8``; any other value raises.
     min_8bit_size
         Tensors with fewer elements keep 32-bit moments (bitsandbytes' rule).
     block_size, code
@@ -132,10 +134,14 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         block_wise: bool = True,
         is_paged: bool = False,
         *,
+        bits: int = 8,
         block_size: int = 256,
         code: str = "dynamic",
         nonfinite: str = "raise",
     ) -> None:
+        if isinstance(bits, bool) or bits != 8:
+            raise ValueError(f"GaLoreAdamW8bit keeps 8-bit moments: bits={bits!r} is not "
+                             "supported; use GaLoreAdamW(..., bits=32) for 32-bit state.")
         unsupported = [
             (amsgrad, False, "amsgrad", "AMSGrad's max-of-V state is not implemented"),
             (percentile_clipping, 100, "percentile_clipping",

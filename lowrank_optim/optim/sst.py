@@ -312,14 +312,17 @@ def create_sst_adamw(
     *,
     target_modules: TargetModules = "all-linear",
     rank: int = 128,
+    embedding_bits: int | None = None,
     **optimizer_kwargs: Any,
 ) -> SSTAdamW:
     """``SSTAdamW`` for ``model``, converting its targeted ``nn.Linear`` layers first if it has
     no ``SpectralLinear`` yet (in place; see :func:`lowrank_optim.sst.convert`).
 
     Used by ``create_optimizer(model, "sst_adamw", rank=..., target_modules=...)``; an already
-    converted model keeps its layers and ``target_modules`` is not used.
+    converted model keeps its layers and ``target_modules`` is not used.  ``embedding_bits``:
+    see :func:`lowrank_optim.groups.plain_groups`.
     """
     if not spectral_modules(model):
         convert(model, rank=rank, target_modules=target_modules)
-    return SSTAdamW(sst_param_groups(model, rank=rank), **optimizer_kwargs)
+    groups = sst_param_groups(model, rank=rank, embedding_bits=embedding_bits)
+    return SSTAdamW(groups, **optimizer_kwargs)

@@ -7,6 +7,7 @@ from typing import Any
 
 from torch import nn
 
+from lowrank_optim.groups import plain_groups
 from lowrank_optim.sst.convert import spectral_modules
 from lowrank_optim.validation import check_int_at_least
 
@@ -14,7 +15,8 @@ logger = logging.getLogger("lowrank_optim")
 
 
 def sst_param_groups(
-    model: nn.Module, rank: int | None = None, **group_kwargs: Any
+    model: nn.Module, rank: int | None = None, *, embedding_bits: int | None = None,
+    **group_kwargs: Any,
 ) -> list[dict[str, Any]]:
     """Param groups for SST: ``(U, S, V)`` triples of every :class:`SpectralLinear`, then the rest.
 
@@ -25,6 +27,9 @@ def sst_param_groups(
     rank
         Singular-vector pairs trained per iteration; ``None`` uses the rank each layer was
         converted with (layers with different ranks get one group per rank).
+    embedding_bits
+        ``32``: ``nn.Embedding`` weights get their own group with ``bits=32`` (see
+        :func:`lowrank_optim.groups.plain_groups`); ``None`` (default) keeps them with the rest.
     **group_kwargs
         Extra keys for the SST group(s) only (e.g. ``iteration_length``, a different ``lr``).
 
@@ -59,17 +64,15 @@ def sst_param_groups(
         group["params"].extend(triple)
         group["param_names"].extend(f"{name}.{p}" for p in ("U", "S", "V"))
         chosen.update(id(p) for p in triple)
-    rest, names = [], []
+    rest = []
     for name, p in model.named_parameters():
         if p.requires_grad and id(p) not in chosen:
-            rest.append(p)
-            names.append(name)
+            rest.append((name, p))
             chosen.add(id(p))
     groups = list(by_rank.values())
     if not groups:
         raise ValueError("Every SpectralLinear layer of the model is frozen; nothing to train.")
-    if rest:
-        groups.append({"params": rest, "param_names": names})
+    groups += plain_groups(model, rest, embedding_bits)
     logger.info("lowrank_optim.sst: %d SpectralLinear layers (ranks %s); %d other tensors",
                 sum(len(g["params"]) // 3 for g in by_rank.values()), sorted(by_rank), len(rest))
     return groups
