@@ -31,6 +31,13 @@ def refresh_due(projector: Projector, state: dict, group: dict, step: int) -> bo
     return bool(gap) and step % gap == 0
 
 
+#: parameter dtypes whose step runs in fp32 (gradient, subspace, moments, update), rounded
+#: into the parameter once at the end: fp16's range flushes squared gradients (about 1e-6 and
+#: below) to zero, and then ``M / (sqrt(V) + eps)`` explodes.  bf16 has fp32's range and keeps
+#: its moments in bf16 (galore-torch's behaviour, half the state memory).
+FP32_STEP_DTYPES = (torch.float16,)
+
+
 def lowrank_step(
     param: torch.Tensor,
     grad: torch.Tensor,
@@ -46,7 +53,20 @@ def lowrank_step(
     ``projected=True``: ``grad`` is already the low-rank gradient in the current subspace
     (layer-wise gradient accumulation sums projected micro-batch gradients), so neither a
     refresh nor a projection happens; a pending refresh request stays for the next step.
+    Parameters in :data:`FP32_STEP_DTYPES` step an fp32 copy, written back once.
     """
+    if param.dtype in FP32_STEP_DTYPES:
+        work = param.float()
+        _step(work, grad.float(), state, group, rule, projector, projected)
+        param.copy_(work)
+        return
+    _step(param, grad, state, group, rule, projector, projected)
+
+
+def _step(
+    param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, rule: Rule,
+    projector: Projector | None, projected: bool,
+) -> None:
     if "step" not in state:
         state["step"] = torch.tensor(0.0)
     step = int(state["step"])
