@@ -96,12 +96,19 @@ def check_rank(rank: int, param: torch.Tensor, label: str, proj_type: str = "std
         )
 
 
-def check_grad(grad: torch.Tensor, label: str | Callable[[], str]) -> None:
+def check_grad(
+    grad: torch.Tensor, label: str | Callable[[], str], param: torch.Tensor | None = None
+) -> None:
     """Gradients we cannot use correctly raise instead of corrupting state.
 
-    ``label`` may be a callable so the hot path does not format a string per step.
+    Checks the layout (dense, strided), complex values and, with ``param``, that dtype, shape
+    and device are the parameter's (a step must not mix them: a GEMM would fail half-way, a
+    smaller gradient would be broadcast into a wrong update).  ``label`` may be a callable so
+    the hot path does not format a string per step.
     """
-    if not (grad.is_sparse or grad.is_complex()):
+    same = param is None or (grad.dtype == param.dtype and grad.shape == param.shape
+                             and grad.device == param.device)
+    if same and grad.layout == torch.strided and not grad.is_complex():
         return
     label = label() if callable(label) else label
     if grad.is_sparse:
@@ -109,5 +116,28 @@ def check_grad(grad: torch.Tensor, label: str | Callable[[], str]) -> None:
             f"{label}: sparse gradients are not supported; use torch.optim.SparseAdam for "
             "sparse embeddings or set sparse=False on the module."
         )
+    if grad.layout != torch.strided:
+        raise RuntimeError(f"{label}: gradients with layout {grad.layout} are not supported; "
+                           "pass a dense (strided) gradient, e.g. grad.to_dense().")
     if grad.is_complex():
         raise RuntimeError(f"{label}: complex gradients are not supported.")
+    assert param is not None
+    if grad.dtype != param.dtype:
+        raise RuntimeError(
+            f"{label}: gradient dtype {_dtype(grad)} does not match the parameter's "
+            f"{_dtype(param)}. Cast it (p.grad = p.grad.to(p.dtype)), or train with AMP "
+            "(torch.autocast) instead of assigning gradients of another dtype."
+        )
+    if grad.shape != param.shape:
+        raise RuntimeError(
+            f"{label}: gradient shape {tuple(grad.shape)} does not match the parameter's "
+            f"{tuple(param.shape)}; each parameter needs a gradient of its own shape."
+        )
+    raise RuntimeError(
+        f"{label}: gradient on {grad.device} but the parameter on {param.device}; move the "
+        "gradient to the parameter's device."
+    )
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).replace("torch.", "")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -92,16 +93,27 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return group["rank"] is not None and param.dim() == 2
 
     # -- stepping -------------------------------------------------------------------------
-    def _grads_finite(self) -> bool:
-        """Check every gradient before touching any state; one host sync for all of them."""
+    def _check_step_inputs(self) -> list[tuple[dict, int, torch.Tensor]]:
+        """Validate every gradient and state before anything changes: ``(group, index, param)``
+        of the parameters to step.  Layout, dtype, shape and device of each gradient
+        (:func:`check_grad`) and the rule's view of each state (:meth:`Rule.check_state`)."""
         grads = [
             (g, i, p) for g in self.param_groups for i, p in enumerate(g["params"])
             if p.grad is not None
         ]
+        for group, i, p in grads:
+            label = functools.partial(param_label, group, i, p)  # formatted on error only
+            check_grad(p.grad, label, p)
+            if p in self.state:
+                self.rule.check_state(self.state[p], group, label)
+        return grads
+
+    def _grads_finite(self, grads: list[tuple[dict, int, torch.Tensor]]) -> bool:
+        """Whether every gradient is finite; one host sync for all of them.  Meta tensors
+        (analytic profiling) hold no values and count as finite."""
+        grads = [(g, i, p) for g, i, p in grads if not p.grad.is_meta]
         if not grads:
             return True
-        for group, i, p in grads:
-            check_grad(p.grad, param_label(group, i, p))
         # A sum is non-finite iff some element is NaN/Inf (barring fp32 overflow of the sum,
         # i.e. gradients near 1e38 / numel, which are broken anyway); it reads each gradient
         # once and writes nothing, about 3x cheaper than isfinite().all().
@@ -134,7 +146,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 loss = closure()
         for group in self.param_groups:
             distributed.check_group_layout(self, group)
-        if self.nonfinite != "ignore" and not self._grads_finite():
+        grads = self._check_step_inputs()  # nothing changes before every input is checked
+        if self.nonfinite != "ignore" and not self._grads_finite(grads):
             return loss
         for group in self.param_groups:
             for i, p in enumerate(group["params"]):
@@ -165,7 +178,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             and no projection happen in this step.
         """
         grad = param.grad if grad is None else grad
-        check_grad(grad, lambda: param_label(group, index, param))
+        check_grad(grad, lambda: param_label(group, index, param), None if projected else param)
         projector = self.projector if self._projects(group, param) else None
         state = self.state[param]
         if distributed.is_dtensor(param):  # FSDP2 shard: the same step on this rank's rows

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -87,16 +88,24 @@ class Adam(Rule):
         step_size = lr * math.sqrt(bias2) / bias1 if group["correct_bias"] else lr
         return Update(direction, -step_size, decay=lr * group["weight_decay"], decay_first=False)
 
+    def check_state(self, state: dict, group: dict, label: str | Callable[[], str]) -> None:
+        """8-bit moments must have one absmax per ``block_size`` elements."""
+        if "exp_avg_codes" not in state:
+            return
+        _, block_size, _, _ = quantization.settings(group)
+        absmax, numel = state["exp_avg_absmax"], state["exp_avg_codes"].numel()
+        if absmax.numel() != quantization.num_blocks(numel, block_size):
+            label = label() if callable(label) else label
+            raise ValueError(
+                f"{label}: 8-bit Adam state has {absmax.numel()} blocks for {numel} elements, "
+                f"which does not match block_size={block_size}: the state was created with "
+                "another block_size; keep the block_size it was saved with.")
+
     @staticmethod
     def _update_8bit(low: torch.Tensor, state: dict, group: dict, beta1: float, beta2: float,
                      eps: float, formula: str, bias2: float) -> torch.Tensor:
         _, block_size, code, _ = quantization.settings(group)
         absmax = state["exp_avg_absmax"]
-        if absmax.numel() != quantization.num_blocks(low.numel(), block_size):
-            raise ValueError(
-                f"8-bit Adam state has {absmax.numel()} blocks for {low.numel()} elements, "
-                f"which does not match block_size={block_size}: the state was created with "
-                "another block_size; keep the block_size it was saved with.")
         return kernels.adam_update_8bit(
             low, state["exp_avg_codes"], absmax, state["exp_avg_sq_codes"],
             state["exp_avg_sq_absmax"], beta1, beta2, eps, formula, bias2, block_size, code)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -35,6 +36,11 @@ class Rule(ABC):
     @abstractmethod
     def validate(self, group: dict) -> None:
         """Raise ``ValueError`` on bad hyper-parameters in ``group``."""
+
+    def check_state(self, state: dict, group: dict, label: str | Callable[[], str]) -> None:
+        """Raise ``ValueError`` if ``state`` cannot be stepped under ``group``'s settings
+        (called for every parameter before a step changes anything).  Default: no check."""
+        return None
 
     @abstractmethod
     def update(
