@@ -293,17 +293,113 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return out
 
     # -- state_dict -----------------------------------------------------------------------
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+    #: top-level ``state_dict`` entry recording what defines the state's structure
+    STRUCTURE_KEY = "lowrank_optim"
+
+    def structure(self) -> dict[str, Any]:
+        """What a saved state must agree with to load: class, rule, projector and, per group,
+        the rule's and projector's ``structure_keys`` (rank, proj_type, bits ...)."""
+        keys = {**self.projector.structure_keys, **self.rule.structure_keys}
+        return {
+            "optimizer": type(self).__name__, "rule": self.rule.name,
+            "projector": self.projector.name,
+            "groups": [{k: g.get(k, d) for k, d in keys.items()} for g in self.param_groups],
+        }
+
+    def state_dict(self) -> dict[str, Any]:
+        """torch's ``state_dict`` plus a :meth:`structure` entry (strings and numbers only, so
+        it still loads with ``torch.load(..., weights_only=True)``)."""
+        sd = super().state_dict()
+        sd[self.STRUCTURE_KEY] = self.structure()
+        return sd
+
+    def _structure_differences(self, state_dict: dict[str, Any]) -> list[str]:
+        """Human-readable differences between ``state_dict``'s structure and this optimizer's."""
+        mine = self.structure()
+        saved = state_dict.get(self.STRUCTURE_KEY)
+        saved_groups = state_dict.get("param_groups", [])
+        if saved is None:  # saved by another optimizer, or before structures were recorded
+            if not saved_groups or any("rank" not in g for g in saved_groups):
+                return ["the state was not saved by a lowrank_optim optimizer (its param groups "
+                        "have no 'rank' key; e.g. torch.optim.AdamW's state)"]
+            keys = {**self.projector.structure_keys, **self.rule.structure_keys}
+            saved = {**mine, "groups": [{k: g.get(k, d) for k, d in keys.items()}
+                                        for g in saved_groups]}
+        out = [f"{what}: saved {saved.get(what)!r}, this optimizer {mine[what]!r}"
+               for what in ("optimizer", "rule", "projector") if saved.get(what) != mine[what]]
+        if len(saved["groups"]) != len(mine["groups"]):
+            return out + [f"param groups: saved {len(saved['groups'])}, this optimizer "
+                          f"{len(mine['groups'])}"]
+        for g, (old, new) in enumerate(zip(saved["groups"], mine["groups"], strict=True)):
+            out += [f"group {g} {k}: saved {old.get(k)!r}, this optimizer {v!r}"
+                    for k, v in new.items() if old.get(k, v) != v]
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Any], *, reproject: bool = False) -> None:
         """Load state as saved: only the device follows the parameter.
+
+        A state saved with another structure (optimizer class, rule, projector, or a group's
+        ``rank`` / ``proj_type`` / ``bits`` ..., see :meth:`structure`) is refused with a
+        ``ValueError`` listing the differences, before anything changes.  ``reproject=True``
+        (or the attribute ``reproject_on_load = True``, for callers such as the Trainer that
+        call ``load_state_dict(sd)``) loads the hyper-parameters but keeps this optimizer's
+        structure keys and drops the per-parameter state of the groups that differ; if the
+        class, rule or projector differs nothing of the saved state applies and all state is
+        dropped (the hyper-parameters stay this optimizer's).  Subspaces and moments then
+        start afresh at the next step, and a warning lists the differences.
 
         ``torch.optim.Optimizer`` casts every floating state tensor to its parameter's dtype
         (and integer indices would become floats); our state keeps its own dtypes, so after
         the regular load each tensor is put back with its saved dtype and resume is bit-exact.
         """
-        super().load_state_dict(state_dict)
-        saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        differences = self._structure_differences(state_dict)
+        reproject = reproject or getattr(self, "reproject_on_load", False)
+        if differences and not reproject:
+            raise ValueError(
+                f"Cannot load this optimizer state into {type(self).__name__}: its structure "
+                "differs (" + "; ".join(differences) + "). Build the optimizer with the saved "
+                "settings, or pass reproject=True (attribute reproject_on_load=True) to keep "
+                "this optimizer's settings and recompute subspaces and moments at the next step."
+            )
+        whole = any(not d.startswith(("group ", "param groups")) for d in differences)
+        if whole:  # another optimizer, rule or projector: nothing of it applies here
+            self.state.clear()
+            self._warn_reprojected(differences)
+            return
+        sd = {k: v for k, v in state_dict.items() if k != self.STRUCTURE_KEY}
+        mine = self.structure()
+        before = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
+        super().load_state_dict(sd)
+        saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for saved_id, param in zip(saved_ids, params, strict=True):
-            for key, value in state_dict["state"].get(saved_id, {}).items():
+            for key, value in sd["state"].get(saved_id, {}).items():
                 if isinstance(value, torch.Tensor):
                     self.state[param][key] = value.to(device=param.device)
+        if not differences:
+            return
+        for g, (group, keys) in enumerate(zip(self.param_groups, mine["groups"], strict=True)):
+            changed = {k: v for k, v in keys.items() if group.get(k, v) != v}
+            for key, value in before[g].items():  # keys the saved groups do not have
+                group.setdefault(key, value)
+            group.update(keys)
+            if changed:
+                for p in group["params"]:
+                    self.state.pop(p, None)
+        self._warn_reprojected(differences)
+
+    @staticmethod
+    def _warn_reprojected(differences: list[str]) -> None:
+        warnings.warn("Loaded an optimizer state of another structure; subspaces and moments "
+                      "of the affected parameters restart at the next step: "
+                      + "; ".join(differences), RuntimeWarning, stacklevel=3)
+
+    # -- copy / pickle ----------------------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        """torch pickles only ``defaults``, ``state`` and ``param_groups``; the rule, projector
+        and settings travel too, so a deep-copied or unpickled optimizer steps like this one
+        (torch re-creates the hook registries, which are not copied)."""
+        state = super().__getstate__()
+        state.update({k: v for k, v in self.__dict__.items()
+                      if k not in state and "hook" not in k})
+        return state

@@ -21,6 +21,9 @@ class Projector(ABC):
 
     #: registry name, e.g. ``"svd"`` or ``"dct"``
     name: str = ""
+    #: group keys (with their defaults) that define the layout of this projector's state: a
+    #: saved state only loads into groups with the same values (``load_state_dict``)
+    structure_keys: dict[str, object] = {"rank": None, "proj_type": "std"}
 
     @abstractmethod
     def has_subspace(self, state: dict) -> bool:

@@ -138,6 +138,8 @@ class DCTProjector(Projector):
     """
 
     name = "dct"
+    structure_keys = {**Projector.structure_keys,
+                      "error_feedback": DCT_DEFAULTS["error_feedback"]}
 
     def __init__(self, fft_min_size: int = AUTO_FFT_MIN_SIZE) -> None:
         check_int_at_least("fft_min_size", fft_min_size, 1)

@@ -45,6 +45,7 @@ class Adam(Rule):
     """
 
     name = "adam"
+    structure_keys = {key: quantization.DEFAULTS[key] for key in ("bits", "block_size", "code")}
 
     def validate(self, group: dict) -> None:
         check_lr(group["lr"])

@@ -32,6 +32,9 @@ class Rule(ABC):
     """
 
     name: str = ""
+    #: group keys (with their defaults) that define the layout of this rule's state: a saved
+    #: state only loads into groups with the same values (``load_state_dict``)
+    structure_keys: dict[str, object] = {}
 
     @abstractmethod
     def validate(self, group: dict) -> None:
