@@ -14,19 +14,47 @@ import torch
 PROJ_TYPES = ("std", "reverse_std", "left", "right", "full")
 
 
+def as_real(name: str, value: object) -> float:
+    """``value`` as a float, or ``ValueError`` naming ``name`` if it is not a real number (a
+    string such as ``"1e-3"`` from a config file, a bool, a tensor of several elements)."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        hint = (f" (a string: write {name}={value} without quotes, or convert it with float())"
+                if isinstance(value, str) else "")
+        raise ValueError(f"Invalid {name}={value!r}: must be a real number, got "
+                         f"{type(value).__name__}{hint}.")
+    return float(value)
+
+
 def check_lr(lr: float | None, *, allow_none: bool = False) -> None:
     if lr is None and allow_none:
         return
-    if lr is None or isinstance(lr, torch.Tensor) and lr.numel() != 1:
+    if lr is None:
         raise ValueError(f"Invalid learning rate lr={lr!r}: pass a non-negative float.")
-    if not math.isfinite(float(lr)) or float(lr) < 0.0:
+    value = as_real("lr", lr)
+    if not math.isfinite(value) or value < 0.0:
         raise ValueError(f"Invalid learning rate lr={lr!r}: must be a finite number >= 0.")
 
 
+def as_tuple(value: object) -> object:
+    """A list or tuple as a tuple (for ``betas`` / ``eps`` defaults); anything else as is, so
+    that validation reports it instead of ``tuple()`` failing with a bare ``TypeError``."""
+    return tuple(value) if isinstance(value, (tuple, list)) else value
+
+
+def check_pair(name: str, value: object, n: int = 2, example: str = "") -> None:
+    """``value`` must be a sequence (tuple / list) of ``n`` real numbers."""
+    if isinstance(value, (str, bytes)) or not isinstance(value, (tuple, list)) or len(
+            value) != n:
+        raise ValueError(f"Invalid {name}={value!r}: expected a tuple of {n} numbers"
+                         + (f", e.g. {example}." if example else "."))
+    for i, v in enumerate(value):
+        as_real(f"{name}[{i}]", v)
+
+
 def check_betas(betas: Sequence[float], n: int = 2) -> None:
-    if len(betas) != n:
-        raise ValueError(f"Invalid betas={tuple(betas)!r}: expected {n} values, "
-                         "e.g. (0.9, 0.999).")
+    check_pair("betas", betas, n, "(0.9, 0.999)")
     for i, beta in enumerate(betas):
         if not 0.0 <= float(beta) < 1.0:
             raise ValueError(f"Invalid beta at index {i}: betas[{i}]={beta!r}; each beta "
@@ -36,18 +64,18 @@ def check_betas(betas: Sequence[float], n: int = 2) -> None:
 def check_beta(name: str, beta: float | None, *, allow_none: bool = True) -> None:
     if beta is None and allow_none:
         return
-    if beta is None or not 0.0 <= float(beta) < 1.0:
+    if beta is None or not 0.0 <= as_real(name, beta) < 1.0:
         tail = " or None." if allow_none else "."
         raise ValueError(f"Invalid {name}={beta!r}: must be in [0, 1){tail}")
 
 
 def check_nonneg(name: str, value: float) -> None:
-    if value is None or not math.isfinite(float(value)) or float(value) < 0.0:
+    if value is None or not math.isfinite(as_real(name, value)) or float(value) < 0.0:
         raise ValueError(f"Invalid {name}={value!r}: must be a finite number >= 0.")
 
 
 def check_positive(name: str, value: float) -> None:
-    if value is None or not math.isfinite(float(value)) or float(value) <= 0.0:
+    if value is None or not math.isfinite(as_real(name, value)) or float(value) <= 0.0:
         raise ValueError(f"Invalid {name}={value!r}: must be a finite number > 0.")
 
 

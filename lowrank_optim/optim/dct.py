@@ -11,6 +11,7 @@ from lowrank_optim.optim.base import LowRankOptimizer
 from lowrank_optim.projectors.dct import DCTProjector
 from lowrank_optim.rules.adafactor import Adafactor
 from lowrank_optim.rules.adam import Adam
+from lowrank_optim.validation import as_tuple
 
 
 def _dct_defaults(
@@ -106,7 +107,7 @@ class DCTAdamW(LowRankOptimizer):
         min_8bit_size: int = 4096,
         nonfinite: str = "raise",
     ) -> None:
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        defaults = dict(lr=lr, betas=as_tuple(betas), eps=eps, weight_decay=weight_decay,
                         correct_bias=correct_bias, formula=formula, bits=bits,
                         block_size=block_size, code=code, min_8bit_size=min_8bit_size,
                         **_dct_defaults(update_proj_gap, scale, proj_type, score_norm,
@@ -146,7 +147,7 @@ class DCTAdafactor(LowRankOptimizer):
         error_feedback: bool = False,
         nonfinite: str = "raise",
     ) -> None:
-        defaults = dict(lr=lr, eps=tuple(eps), clip_threshold=clip_threshold,
+        defaults = dict(lr=lr, eps=as_tuple(eps), clip_threshold=clip_threshold,
                         decay_rate=decay_rate, beta1=beta1, weight_decay=weight_decay,
                         scale_parameter=scale_parameter, relative_step=relative_step,
                         warmup_init=warmup_init,

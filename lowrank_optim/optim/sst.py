@@ -30,7 +30,7 @@ from lowrank_optim.sst.convert import convert, spectral_modules
 from lowrank_optim.sst.groups import sst_param_groups
 from lowrank_optim.sst.layers import spectral_product, svd_factors
 from lowrank_optim.sst.sampling import sample_indices, seeded_generator
-from lowrank_optim.validation import check_int_at_least, param_label
+from lowrank_optim.validation import as_tuple, check_int_at_least, param_label
 
 #: per-layer schedule counters, kept in the state of the layer's ``S`` (int64 scalars)
 LAYER_KEYS = ("sst_layer", "sst_step", "sst_draws", "sst_resvds")
@@ -117,7 +117,7 @@ class SSTAdamW(LowRankOptimizer):
         nonfinite: str = "raise",
     ) -> None:
         self._num_layers = 0
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
+        defaults = dict(lr=lr, betas=as_tuple(betas), eps=eps, weight_decay=weight_decay,
                         formula=formula, correct_bias=correct_bias, bits=bits,
                         block_size=block_size, code=code, min_8bit_size=min_8bit_size,
                         iteration_length=iteration_length,

@@ -7,7 +7,14 @@ import math
 import torch
 
 from lowrank_optim.rules.base import Rule, Update
-from lowrank_optim.validation import check_beta, check_lr, check_nonneg, check_positive
+from lowrank_optim.validation import (
+    as_real,
+    check_beta,
+    check_lr,
+    check_nonneg,
+    check_pair,
+    check_positive,
+)
 
 
 def _rms(t: torch.Tensor) -> torch.Tensor:
@@ -37,12 +44,11 @@ class Adafactor(Rule):
         if group["warmup_init"] and not group["relative_step"]:
             raise ValueError("warmup_init=True requires relative_step=True.")
         eps = group["eps"]
-        if len(eps) != 2:
-            raise ValueError(f"Invalid eps={eps!r}: Adafactor expects a pair (eps1, eps2).")
+        check_pair("eps", eps, 2, "(1e-30, 1e-3): Adafactor's eps is a pair (eps1, eps2)")
         check_nonneg("eps[0]", eps[0])
         check_nonneg("eps[1]", eps[1])
         check_positive("clip_threshold", group["clip_threshold"])
-        if not group["decay_rate"] < 0.0:
+        if not as_real("decay_rate", group["decay_rate"]) < 0.0:
             raise ValueError(f"Invalid decay_rate={group['decay_rate']!r}: must be < 0 "
                              "(e.g. -0.8).")
         check_beta("beta1", group["beta1"])
