@@ -147,6 +147,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     param_groups = _shared("param_groups")
     state = _shared("state")
     defaults = _shared("defaults")
+    reproject_on_load = _shared("reproject_on_load")
     del _shared
 
     # -- settings ---------------------------------------------------------------------------
@@ -308,5 +309,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         return self.optimizer.state_dict()
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.optimizer.load_state_dict(state_dict)
+    def load_state_dict(self, state_dict: dict[str, Any], **kwargs: Any) -> None:
+        """The wrapped optimizer's load (``reproject=True`` passes through)."""
+        self.optimizer.load_state_dict(state_dict, **kwargs)

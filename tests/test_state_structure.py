@@ -107,3 +107,20 @@ def test_copied_optimizer_steps_like_the_original(name, how):
     train(twin_model, twin, batches[2:])
     for a, b in zip(model.parameters(), twin_model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_layerwise_wrapper_forwards_the_check_and_the_opt_in():
+    model = tiny_llama()
+    opt = _galore()(model)
+    train(model, opt, token_batches(2))
+    sd = roundtrip(opt.state_dict())
+    wrapped = lo.LayerwiseOptimizer(_galore(rank=4)(tiny_llama()))
+    with pytest.raises(ValueError, match="rank: saved 8"):
+        wrapped.load_state_dict(sd)
+    with pytest.warns(RuntimeWarning):
+        wrapped.load_state_dict(sd, reproject=True)
+    other = lo.LayerwiseOptimizer(_galore(rank=4)(tiny_llama()))
+    other.reproject_on_load = True  # reaches the wrapped optimizer
+    assert other.optimizer.reproject_on_load
+    with pytest.warns(RuntimeWarning):
+        other.load_state_dict(sd)

@@ -295,6 +295,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
     # -- state_dict -----------------------------------------------------------------------
     #: top-level ``state_dict`` entry recording what defines the state's structure
     STRUCTURE_KEY = "lowrank_optim"
+    #: ``load_state_dict``'s ``reproject`` default, for callers that pass only the state
+    #: (the HF Trainer): set it on the optimizer to accept a state of another structure
+    reproject_on_load: bool = False
 
     def structure(self) -> dict[str, Any]:
         """What a saved state must agree with to load: class, rule, projector and, per group,
@@ -353,7 +356,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         the regular load each tensor is put back with its saved dtype and resume is bit-exact.
         """
         differences = self._structure_differences(state_dict)
-        reproject = reproject or getattr(self, "reproject_on_load", False)
+        reproject = reproject or self.reproject_on_load
         if differences and not reproject:
             raise ValueError(
                 f"Cannot load this optimizer state into {type(self).__name__}: its structure "
