@@ -14,7 +14,9 @@ it also reports the peak allocated memory.
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -100,20 +102,69 @@ class MemoryProfile:
         return "\n".join(lines)
 
 
-def model_config(model: str):
-    """A transformers config from a LLaMA size name or a local ``config.json`` path."""
+#: config attributes :func:`activation_bytes` reads (a LLaMA-style decoder has them all)
+CONFIG_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+
+
+def _did_you_mean(value: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(value.lower(), choices, n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(map(repr, close))}?)" if close else ""
+
+
+def model_config(model: str | os.PathLike):
+    """A transformers config from a LLaMA size name or a local ``config.json`` path.
+
+    Raises
+    ------
+    TypeError
+        ``model`` is not a string or path.
+    ValueError
+        Unknown name (closest names suggested), a path that holds no ``config.json``, a file
+        transformers cannot read, or a config without the LLaMA-style sizes of
+        :data:`CONFIG_FIELDS`.
+    """
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"model must be a size name such as '7b' or a path to a config.json, "
+                        f"got {type(model).__name__} {model!r}")
     if model in LLAMA_SHAPES:
         return llama_config(model)
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"
-    if path.suffix == ".json" and path.is_file():
-        from transformers import AutoConfig
+    if not (path.suffix == ".json" and path.is_file()):
+        hint = _did_you_mean(str(model), list(LLAMA_SHAPES))
+        raise ValueError(f"unknown model {str(model)!r}{hint}: "
+                         f"use one of {sorted(LLAMA_SHAPES)} or a path to a local Hugging Face "
+                         "config.json")
+    from transformers import AutoConfig
 
-        return AutoConfig.from_pretrained(str(path.parent) if path.name == "config.json"
-                                          else str(path))
-    raise ValueError(f"unknown model {model!r}: use one of {sorted(LLAMA_SHAPES)} or a path to "
-                     "a local Hugging Face config.json")
+    try:
+        config = AutoConfig.from_pretrained(str(path.parent) if path.name == "config.json"
+                                            else str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"model config {str(path)!r} could not be read: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    missing = [f for f in CONFIG_FIELDS if not isinstance(getattr(config, f, None), int)]
+    if missing:
+        raise ValueError(f"model config {str(path)!r} ({type(config).__name__}) has no "
+                         f"{', '.join(missing)}: the profiler estimates LLaMA-style decoders "
+                         "(hidden_size, intermediate_size, num_hidden_layers, vocab_size)")
+    return config
+
+
+def check_optimizer_name(name: str) -> str:
+    """``name`` if the registry knows it, else a ``ValueError`` suggesting the closest names
+    (``TypeError`` for a non-string)."""
+    from lowrank_optim.registry import available
+
+    if not isinstance(name, str):
+        raise TypeError(f"optimizer must be a name such as 'galore_adamw', got "
+                        f"{type(name).__name__} {name!r}")
+    names = available()
+    if name.lower().replace("-", "_") not in names:
+        raise ValueError(f"Unknown optimizer name={name!r}{_did_you_mean(name, names)}; "
+                         f"choose one of {names}")
+    return name
 
 
 def _build(config, device: str, dtype: torch.dtype, checkpointing: bool):
@@ -130,7 +181,9 @@ def _build(config, device: str, dtype: torch.dtype, checkpointing: bool):
     return model
 
 
-def _optimizer(model, name: str, rank: int, opt_args: dict[str, Any], analytic: bool):
+def _optimizer(model, name: str, rank: int, opt_args: dict[str, Any], analytic: bool,
+               layerwise: bool = False):
+    from lowrank_optim.optim.base import LowRankOptimizer
     from lowrank_optim.registry import BASELINES, create_optimizer
 
     kwargs = dict(opt_args)
@@ -138,7 +191,25 @@ def _optimizer(model, name: str, rank: int, opt_args: dict[str, Any], analytic: 
         kwargs.setdefault("rank", rank)
         if analytic:
             kwargs.setdefault("nonfinite", "ignore")  # meta tensors have no values to check
-    return create_optimizer(model, name, **kwargs)
+    opt = create_optimizer(model, name, **kwargs)
+    if (layerwise and isinstance(opt, LowRankOptimizer)
+            and type(opt).step_param is not LowRankOptimizer.step_param):
+        raise ValueError(f"layerwise=True: {name} ({type(opt).__name__}) cannot step one "
+                         "parameter at a time during backward (lowrank_optim.LayerwiseOptimizer "
+                         "refuses it), so this profile could not be trained; drop layerwise")
+    return opt
+
+
+def _check_opt_args(opt_args: Any) -> dict[str, Any]:
+    if opt_args is None:
+        return {}
+    if not isinstance(opt_args, dict) or not all(isinstance(k, str) and k for k in opt_args):
+        raise TypeError(f"opt_args must be a dict of keyword arguments, e.g. {{'bits': 8}}, got "
+                        f"{opt_args!r}")
+    if "rank" in opt_args:
+        raise ValueError("opt_args['rank'] would silently override rank (and the rank shown in "
+                         "the profile): pass rank=... (--rank) instead")
+    return opt_args
 
 
 def activation_bytes(config, seq_len: int, batch_size: int, precision: str,
@@ -176,21 +247,46 @@ def profile(
     device: str | None = None,
     steps: int = 2,
 ) -> MemoryProfile:
-    """Memory profile of training ``model`` with ``optimizer`` (see module docstring)."""
+    """Memory profile of training ``model`` with ``optimizer`` (see module docstring).
+
+    ``device`` (default CUDA when available, else CPU) and ``steps`` apply to
+    ``mode="measured"`` only: a ``device`` in analytic mode is an error, ``steps`` is ignored
+    there (the command line rejects ``--steps`` without ``--mode measured``).
+
+    Raises
+    ------
+    TypeError
+        An argument of the wrong type (a string or bool where an int goes, a non-bool
+        ``checkpointing`` / ``layerwise``, ``opt_args`` not a dict).
+    ValueError
+        A value out of range or unknown (sizes < 1, precision, mode, model, optimizer name,
+        device), ``device`` in analytic mode, ``opt_args`` holding ``rank``,
+        ``layerwise`` with an optimizer that cannot step per parameter, and every error of
+        :func:`lowrank_optim.create_optimizer` (rank larger than the model, bad settings).
+    """
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("rank", rank),
                         ("steps", steps)):
-        if not isinstance(value, int) or value < 1:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    for name, value in (("checkpointing", checkpointing), ("layerwise", layerwise)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be True or False, got {type(value).__name__} "
+                            f"{value!r}")
     if precision not in DTYPES:
         raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
     if mode not in ("analytic", "measured"):
         raise ValueError(f"mode must be 'analytic' or 'measured', got {mode!r}")
-    config = model_config(model)
     analytic = mode == "analytic"
+    if analytic and device is not None:
+        raise ValueError(f"device={device!r} applies to mode='measured' only (analytic mode "
+                         "runs on the meta device): drop it or pass mode='measured'")
+    check_optimizer_name(optimizer)
+    opt_args = _check_opt_args(opt_args)
+    config = model_config(model)
     dev = "meta" if analytic else _measured_device(device)
     dtype = DTYPES[precision]
     net = _build(config, dev, dtype, checkpointing)
-    opt = _optimizer(net, optimizer, rank, opt_args or {}, analytic)
+    opt = _optimizer(net, optimizer, rank, opt_args, analytic, layerwise)
     params = [p for g in opt.param_groups for p in g["params"]]
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -214,7 +310,7 @@ def profile(
         weights=weights, gradients=gradients, moments=sb.moments, projectors=sb.projectors,
         indices=sb.indices, other_state=sb.other,
         activations=activation_bytes(config, seq_len, batch_size, precision, checkpointing),
-        settings=dict(rank=rank, opt_args=opt_args or {}, seq_len=seq_len,
+        settings=dict(rank=rank, opt_args=opt_args, seq_len=seq_len,
                       batch_size=batch_size, precision=precision, checkpointing=checkpointing,
                       layerwise=layerwise, device=dev),
         cuda_peak=torch.cuda.max_memory_allocated() if dev.startswith("cuda") else None,
@@ -269,13 +365,49 @@ def _parse_opt_args(items: list[str]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for item in items:
         key, sep, raw = item.partition("=")
-        if not sep:
+        key = key.strip()
+        if not sep or not key:
             raise ValueError(f"--opt-arg {item!r}: expected key=value, e.g. bits=8")
+        if key in out:
+            raise ValueError(f"--opt-arg {key} is given twice ({key}={out[key]!r} and "
+                             f"{item!r}): keep one")
+        if key == "rank":
+            raise ValueError("--opt-arg rank=... would override --rank: use --rank")
         try:
             out[key] = json.loads(raw)
         except json.JSONDecodeError:
             out[key] = raw
     return out
+
+
+def _check_output(flag: str, path: str) -> None:
+    """``ValueError`` unless ``path`` can be written (checked before profiling, which may take
+    a while, so a typo does not cost the results)."""
+    target = Path(path)
+    parent = target.parent if str(target.parent) else Path(".")
+    if target.is_dir():
+        raise ValueError(f"{flag} {path!r} is a directory: give a file name, e.g. "
+                         f"{str(target / ('out' + ('.json' if flag == '--json' else '.png')))!r}")
+    if not parent.is_dir():
+        raise ValueError(f"{flag} {path!r}: directory {str(parent)!r} does not exist (create it "
+                         "first)")
+    if not os.access(parent, os.W_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{flag} {path!r} is not writable: choose another path")
+    if flag == "--png":
+        try:
+            from matplotlib.figure import Figure
+        except ImportError as e:
+            raise ValueError("--png needs matplotlib: pip install matplotlib") from e
+        formats = sorted(Figure().canvas.get_supported_filetypes())
+        if target.suffix.lstrip(".").lower() not in formats:
+            raise ValueError(f"--png {path!r}: the file name must end in an image format "
+                             f"matplotlib writes ({', '.join('.' + f for f in formats)})")
+
+
+def _message(error: Exception) -> str:
+    """One line for ``ap.error``: a ``KeyError`` prints its key in quotes, strip them."""
+    text = str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+    return " ".join(text.split()) or type(error).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,27 +425,39 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layerwise", action="store_true", help="per-layer updates (one grad live)")
     ap.add_argument("--mode", choices=["analytic", "measured"], default="analytic")
     ap.add_argument("--device", default=None)
-    ap.add_argument("--steps", type=int, default=2, help="training steps in measured mode")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="training steps in measured mode (default 2)")
     ap.add_argument("--json", help="write the profiles as JSON here")
     ap.add_argument("--png", help="write a stacked bar chart here")
     args = ap.parse_args(argv)
+    if args.mode == "analytic" and args.steps is not None:
+        ap.error("--steps applies to --mode measured only (analytic mode takes one step on "
+                 "the meta device)")
     profiles = []
     try:
         opt_args = _parse_opt_args(args.opt_arg)
+        for name in args.optimizer:  # every name before the first (maybe long) profile
+            check_optimizer_name(name)
+        for flag, path in (("--json", args.json), ("--png", args.png)):
+            if path is not None:
+                _check_output(flag, path)
         for name in args.optimizer:
             profiles.append(profile(
                 args.model, name, rank=args.rank, opt_args=opt_args, seq_len=args.seq_len,
                 batch_size=args.batch_size, precision=args.precision,
                 checkpointing=args.checkpointing, layerwise=args.layerwise, mode=args.mode,
-                device=args.device, steps=args.steps))
+                device=args.device, steps=2 if args.steps is None else args.steps))
     except (ValueError, TypeError, KeyError) as e:
-        ap.error(str(e).strip("'\""))
+        ap.error(_message(e))
     for p in profiles:
         print(p.table(), end="\n\n")
-    if args.json:
-        Path(args.json).write_text(json.dumps([p.as_dict() for p in profiles], indent=2))
-    if args.png:
-        plot(profiles, args.png)
+    try:
+        if args.json:
+            Path(args.json).write_text(json.dumps([p.as_dict() for p in profiles], indent=2))
+        if args.png:
+            plot(profiles, args.png)
+    except OSError as e:
+        ap.error(f"could not write the output: {_message(e)}")
     return 0
 
 

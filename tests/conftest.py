@@ -34,6 +34,16 @@ def lm_loss(model, ids):
 
 
 @pytest.fixture
+def one_thread():
+    """One BLAS thread per pytest worker for in-process recipe runs (CI: two workers, two
+    cores); use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
 def llama():
     return tiny_llama
 

@@ -19,13 +19,7 @@ def cache(tmp_path_factory):
     return str(tmp_path_factory.mktemp("recipe-cache"))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One BLAS thread per pytest worker (CI runs two workers on two cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def run(out: Path, cache: str, *args: str) -> dict:

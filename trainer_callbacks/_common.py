@@ -4,8 +4,11 @@ layer types, and logging through the Trainer's own ``log`` so every ``report_to`
 
 from __future__ import annotations
 
+import difflib
 import logging
 import math
+import numbers
+from collections.abc import Iterable
 from typing import Any
 
 from transformers import TrainerCallback
@@ -14,6 +17,36 @@ from lowrank_optim.layerwise import LayerwiseOptimizer
 from lowrank_optim.optim.base import LowRankOptimizer
 
 logger = logging.getLogger("lowrank_optim")
+
+
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``choices`` to ``value`` (empty if none is
+    close), to append to an error message."""
+    close = difflib.get_close_matches(str(value).lower(), list(choices), n=2, cutoff=0.6)
+    return f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
+def check_bool(name: str, value: Any) -> None:
+    """``TypeError`` unless ``value`` is ``True`` or ``False`` (a string such as ``"no"`` is
+    truthy and would silently mean yes)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}.")
+
+
+def check_every(value: Any) -> None:
+    """``every`` of the logging callbacks: ``None`` or an integer >= 1."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value < 1):
+        raise ValueError(f"Invalid every={value!r}: pass an integer >= 1 (optimizer steps "
+                         "between logs) or None for TrainingArguments.logging_steps.")
+
+
+def check_real(name: str, value: Any) -> float:
+    """``value`` as a float; ``TypeError`` for a string, a bool or anything not a real number
+    (``float("0.4")`` would pass and a string would reach the training loop)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
+    return float(value)
 
 
 def _chain(optimizer: Any) -> list[Any]:
@@ -77,6 +110,9 @@ class LoggingCallback(TrainerCallback):
 
     def bind(self, trainer: Any) -> LoggingCallback:
         """Log through ``trainer.log`` (returns ``self``)."""
+        if not callable(getattr(trainer, "log", None)):
+            raise TypeError(f"bind() takes the transformers.Trainer whose log() receives the "
+                            f"metrics, got {type(trainer).__name__}.")
         self.trainer = trainer
         return self
 

@@ -9,7 +9,13 @@ from typing import Any
 import torch
 
 from lowrank_optim.memory import CATEGORIES, adamw_state_bytes, state_bytes
-from trainer_callbacks._common import LoggingCallback, innermost_optimizer, interval
+from trainer_callbacks._common import (
+    LoggingCallback,
+    check_bool,
+    check_every,
+    innermost_optimizer,
+    interval,
+)
 
 
 def _params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
@@ -50,6 +56,8 @@ class OptimizerMemoryCallback(LoggingCallback):
     """
 
     def __init__(self, every: int | None = None, print_table: bool = True) -> None:
+        check_every(every)
+        check_bool("print_table", print_table)
         super().__init__()
         self.every = every
         self.print_table = print_table

@@ -37,18 +37,26 @@ from transformers.trainer_callback import ExportableState
 
 from lowrank_optim.optim.base import LowRankOptimizer
 from lowrank_optim.validation import check_int_at_least
-from trainer_callbacks._common import layerwise_optimizer, lowrank_optimizer
+from trainer_callbacks._common import (
+    check_bool,
+    check_real,
+    did_you_mean,
+    innermost_optimizer,
+    layerwise_optimizer,
+    lowrank_optimizer,
+)
 
 logger = logging.getLogger("lowrank_optim")
 
 
 def _check_unit(name: str, value: float | None) -> None:
-    if value is not None and not 0.0 <= float(value) <= 1.0:
+    if value is not None and not 0.0 <= check_real(name, value) <= 1.0:
         raise ValueError(f"Invalid {name}={value!r}: must be in [0, 1] or None.")
 
 
 def _check_factor(factor: float) -> None:
-    if not math.isfinite(float(factor)) or float(factor) < 1.0:
+    value = check_real("factor", factor)
+    if not math.isfinite(value) or value < 1.0:
         raise ValueError(f"Invalid factor={factor!r}: must be a finite number >= 1.")
 
 
@@ -152,6 +160,9 @@ class AdaptiveGap:
         _check_unit("energy_threshold", self.energy_threshold)
         _check_factor(self.factor)
         check_int_at_least("min_gap", self.min_gap, 1)
+        if self.min_gap > self.gap:
+            raise ValueError(f"Invalid min_gap={self.min_gap}: it exceeds gap={self.gap}, the "
+                             "initial gap; use min_gap <= gap.")
         if self.max_gap is not None:
             check_int_at_least("max_gap", self.max_gap, max(self.gap, self.min_gap))
         check_int_at_least("check_every", self.check_every, 1)
@@ -197,14 +208,47 @@ def make_schedule(spec: Schedule | dict[str, Any] | str | int | None) -> Schedul
     if isinstance(spec, int) and not isinstance(spec, bool):
         return FixedGap(spec)
     if isinstance(spec, str):
+        if spec.strip().isdigit():
+            raise ValueError(f"schedule={spec!r} is a string: pass the gap as an int "
+                             f"({int(spec)}) for a fixed gap, or a kind name.")
         spec = {"kind": spec}
     if isinstance(spec, dict):
         fields = dict(spec)
         kind = fields.pop("kind", "fixed")
-        if kind not in SCHEDULES:
-            raise ValueError(f"Unknown schedule kind={kind!r}; choose one of {sorted(SCHEDULES)}.")
-        return SCHEDULES[kind](**fields)
+        if not isinstance(kind, str) or kind not in SCHEDULES:
+            raise ValueError(f"Unknown schedule kind={kind!r}.{did_you_mean(kind, SCHEDULES)} "
+                             f"Choose one of {sorted(SCHEDULES)}.")
+        cls = SCHEDULES[kind]
+        known = [f.name for f in dataclasses.fields(cls)]
+        unknown = sorted(set(fields) - set(known))
+        if unknown:
+            raise ValueError(f"Unknown field {unknown[0]!r} for schedule kind={kind!r} "
+                            f"({cls.__name__}).{did_you_mean(unknown[0], known)} "
+                            f"It takes {known}.")
+        return cls(**fields)
     raise TypeError(f"schedule={spec!r}: pass a schedule object, a dict, a kind name or an int.")
+
+
+def check_schedulable(optimizer: Any, *, who: str = "SubspaceRefreshCallback") -> None:
+    """Raise unless a refresh schedule can drive ``optimizer`` (an instance or a class).
+
+    It must be a :class:`LowRankOptimizer` whose refresh timing is ``update_proj_gap``
+    (:meth:`LowRankOptimizer.request_refresh` not overridden, which rules out ``SSTAdamW``).
+    """
+    cls = optimizer if isinstance(optimizer, type) else type(optimizer)
+    if not issubclass(cls, LowRankOptimizer):
+        raise TypeError(
+            f"{who} needs a lowrank_optim.LowRankOptimizer (got {cls.__name__}, which has no "
+            "subspaces to refresh); pass one with Trainer(optimizers=(opt, None)) or "
+            "trainer_callbacks.attach(trainer, 'galore_adamw', ...), or drop the schedule."
+        )
+    if cls.request_refresh is not LowRankOptimizer.request_refresh:
+        raise ValueError(
+            f"{cls.__name__} defines its own refresh semantics (SSTAdamW redraws its "
+            "vectors every iteration_length steps and re-decomposes on its own rounds); "
+            f"{who} schedules optimizers timed by update_proj_gap (GaLore, DCT): drop the "
+            "schedule and set iteration_length instead."
+        )
 
 
 class SubspaceRefreshCallback(TrainerCallback, ExportableState):
@@ -244,8 +288,9 @@ class SubspaceRefreshCallback(TrainerCallback, ExportableState):
         schedule: Schedule | dict[str, Any] | str | int | None = None,
         stagger: bool = True,
     ) -> None:
+        check_bool("stagger", stagger)
         self.schedule = make_schedule(schedule)
-        self.stagger = bool(stagger)
+        self.stagger = stagger
         #: per projected parameter (``projected_params`` order): ``next`` (step of the next
         #: scheduled refresh), ``gap``, ``last`` (step of the last refresh) and ``refreshes``
         self.layers: list[dict[str, Any]] | None = None
@@ -289,18 +334,7 @@ class SubspaceRefreshCallback(TrainerCallback, ExportableState):
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
         opt = lowrank_optimizer(optimizer)
-        if opt is None:
-            raise TypeError(
-                "SubspaceRefreshCallback needs a lowrank_optim.LowRankOptimizer (got "
-                f"{type(optimizer).__name__}); pass one with Trainer(optimizers=(opt, None)) or "
-                "trainer_callbacks.attach(trainer, 'galore_adamw', ...)."
-            )
-        if type(opt).request_refresh is not LowRankOptimizer.request_refresh:
-            raise ValueError(
-                f"{type(opt).__name__} defines its own refresh semantics (SSTAdamW redraws its "
-                "vectors every iteration_length steps and re-decomposes on its own rounds); "
-                "SubspaceRefreshCallback schedules optimizers timed by update_proj_gap."
-            )
+        check_schedulable(innermost_optimizer(optimizer) if opt is None else opt)
         self._optimizer = opt
         for group in opt.param_groups:
             if group.get("rank") is not None:

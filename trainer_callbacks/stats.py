@@ -7,6 +7,7 @@ from typing import Any
 
 from trainer_callbacks._common import (
     LoggingCallback,
+    check_every,
     interval,
     layer_type,
     layerwise_optimizer,
@@ -52,6 +53,10 @@ class SubspaceStatsCallback(LoggingCallback):
     """
 
     def __init__(self, every: int | None = None, prefix: str = "subspace/") -> None:
+        check_every(every)
+        if not isinstance(prefix, str):
+            raise TypeError(f"prefix must be a string such as 'subspace/', got "
+                            f"{type(prefix).__name__} {prefix!r}.")
         super().__init__()
         self.every = every
         self.prefix = prefix
