@@ -2,7 +2,7 @@
 
 What each engine hands the optimizer, and what this module does about it:
 
-* **DDP** (and DeepSpeed ZeRO stage 0 in fp32): every rank holds the whole parameter and the
+* **DDP** (and DeepSpeed ZeRO stage 0): every rank holds the whole parameter and the
   all-reduced gradient, bit-identical on every rank, so a deterministic refresh (SVD, DCT
   selection) gives every rank the same subspace and nothing needs to be done.  Where the refresh
   may not be deterministic across ranks (mixed hardware, a nondeterministic SVD backend),
@@ -33,8 +33,10 @@ What each engine hands the optimizer, and what this module does about it:
   placements other than ``Shard(0)`` on a 1-D mesh.
 * **DeepSpeed ZeRO 1/2/3** hand the optimizer flattened 1-D partitions of all parameters: the
   matrix structure a projection needs is gone.  A param group that asks for projection (has a
-  ``rank``) but holds only 1-D tensors raises :class:`ValueError` (:func:`check_group_layout`)
-  instead of silently training unprojected AdamW.
+  ``rank``) but holds only 1-D tensors, or ZeRO-3 partitioned parameters (``deepspeed.zero.Init``),
+  raises :class:`ValueError` (:func:`check_group_layout`, :func:`check_zero_stage`) instead of
+  silently training unprojected AdamW.  Every error of this module says which engines do run
+  that optimizer (:func:`engine_support`).
 """
 
 from __future__ import annotations
@@ -88,9 +90,11 @@ FLATTENED_MESSAGE = (
     "this param group asks for low-rank projection (rank={rank}) but {what}. DeepSpeed ZeRO "
     "(stages 1-3) and other engines that flatten parameters hand the optimizer 1-D partitions, "
     "where no projection is possible, and training would silently fall back to plain full-rank "
-    "updates. Use DDP or FSDP2 for the low-rank optimizers (DeepSpeed: ZeRO stage 0 in fp32 "
-    "keeps parameters intact)."
+    "updates. {support}."
 )
+#: what :func:`engine_support` says for every low-rank optimizer
+REPLICATED_ENGINES = ("DDP and DeepSpeed ZeRO stage 0 (whole parameters; with bf16 or fp16 "
+                      "DeepSpeed steps whole fp32 copies of them)")
 
 
 # -- tensors ----------------------------------------------------------------------------------
@@ -292,28 +296,113 @@ def sharding_problem(optimizer: LowRankOptimizer, group: dict, param: torch.Tens
     if param.device_mesh.ndim != 1 or placements != (Shard(0),):
         return (f"placements {placements} on a {param.device_mesh.ndim}-D mesh are not "
                 "supported; only FSDP2's default layout (Shard(0) on a 1-D mesh) is")
+    projects = optimizer._projects(group, param)
+    problem = _fsdp2_problem(optimizer, group, projects)
+    if problem is None and projects and isinstance(optimizer.projector, BroadcastRefresh) and (
+            group.get("rotate_moments") and _sides(param, group) == ("right",)):
+        return ("rotate_moments with broadcast_refreshes under FSDP2 would rotate each rank's "
+                "moment shard by its own selection; use one of the two")
+    return problem
+
+
+def _fsdp2_problem(optimizer: LowRankOptimizer, group: dict, projects: bool) -> str | None:
+    """Why FSDP2 shards of ``group`` (projected ones if ``projects``) cannot be stepped, or
+    None; independent of the parameter's layout."""
     rule = getattr(optimizer.rule, "name", type(optimizer.rule).__name__)
     if rule not in ELEMENTWISE_RULES:
         return (f"{type(optimizer).__name__}'s inner rule {rule!r} is not elementwise (its "
                 "statistics span the whole tensor), so its update on a shard would differ from "
                 "the unsharded one; use an Adam-based optimizer (galore_adamw, dct_adamw, adamw) "
                 "with FSDP2, or DDP")
-    projects = optimizer._projects(group, param)
     for key, (prevents, why, projected_only) in UNSHARDABLE_OPTIONS.items():
         if key in group and prevents(group[key]) and (projects or not projected_only):
             return f"{key}={group[key]!r} is not supported under FSDP2: {why}"
     if not projects:
         return None
-    projector = optimizer.projector
-    name = projector.name
+    name = optimizer.projector.name
     if name not in SHARDABLE_PROJECTORS:
         why = UNSHARDABLE_PROJECTORS.get(name, "it has no shard-local implementation")
         return f"{type(optimizer).__name__} (projector {name!r}) does not support FSDP2: {why}"
-    if (isinstance(projector, BroadcastRefresh) and group.get("rotate_moments")
-            and _sides(param, group) == ("right",)):
-        return ("rotate_moments with broadcast_refreshes under FSDP2 would rotate each rank's "
-                "moment shard by its own selection; use one of the two")
     return None
+
+
+def engine_support(optimizer: LowRankOptimizer) -> str:
+    """Which engines run ``optimizer`` as configured, as a sentence for error messages.
+
+    Every low-rank optimizer runs under DDP and DeepSpeed ZeRO stage 0 (whole parameters,
+    all-reduced gradients); FSDP2 only where :func:`sharding_problem` finds nothing
+    to object to (Adam rule, SVD or DCT projector, 32-bit state, no error feedback: galore_adamw
+    and dct_adamw); DeepSpeed ZeRO stages 1-3 never (they flatten the parameters).
+
+    Parameters
+    ----------
+    optimizer
+        A low-rank optimizer with its param groups.
+
+    Returns
+    -------
+    str
+        E.g. ``"GaLoreAdafactor runs under DDP and DeepSpeed ZeRO stage 0 ...; not under FSDP2
+        (...)"``.
+    """
+    name = type(optimizer).__name__
+    problem = next((why for g in optimizer.param_groups
+                    if (why := _fsdp2_problem(optimizer, g, g.get("rank") is not None))), None)
+    fsdp2 = "and also under FSDP2" if problem is None else f"but not under FSDP2 ({problem})"
+    return (f"{name}, as configured, runs under {REPLICATED_ENGINES}, {fsdp2}; under DeepSpeed "
+            "ZeRO stages 1-3 only the baselines without projection (adamw, lora) train")
+
+
+def _partitioned_names(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    names = [f"{n} {tuple(p.ds_shape)}" for n, p in named if hasattr(p, "ds_shape")]
+    more = f" and {len(names) - 2} more" if len(names) > 2 else ""
+    return f"{', '.join(names[:2])}{more}"
+
+
+def check_model_not_partitioned(model: torch.nn.Module, name: str) -> None:
+    """Raise ``ValueError`` if ``model`` holds DeepSpeed ZeRO-3 partitioned parameters, which
+    optimizer ``name`` (one that converts the model: SST) cannot decompose.
+
+    Parameters
+    ----------
+    model
+        The model about to be converted.
+    name
+        The optimizer's registry name, for the message.
+    """
+    named = [(n, p) for n, p in model.named_parameters() if hasattr(p, "ds_shape")]
+    if named:
+        raise ValueError(
+            f"{name}: the model holds DeepSpeed ZeRO-3 partitioned parameters "
+            f"({_partitioned_names(named)}, created under deepspeed.zero.Init: each rank holds a "
+            "flat 1-D slice), but Sparse Spectral Training converts each targeted Linear weight "
+            f"by an SVD of the whole matrix. {name} runs under {REPLICATED_ENGINES}; not under "
+            "FSDP2 or DeepSpeed ZeRO stages 1-3.")
+
+
+def check_zero_stage(optimizer: torch.optim.Optimizer, stage: int) -> None:
+    """Raise ``ValueError`` before DeepSpeed is set up if ZeRO ``stage`` cannot run ``optimizer``.
+
+    Stages 1-3 hand the optimizer flattened 1-D partitions, which :func:`check_group_layout`
+    would reject at the first step; this says so before the engine is built.  Baselines
+    without projection (``torch.optim.AdamW``) and stage 0 pass.
+
+    Parameters
+    ----------
+    optimizer
+        The client optimizer about to be handed to ``deepspeed.initialize``.
+    stage
+        ``zero_optimization.stage`` of the DeepSpeed config.
+    """
+    from lowrank_optim.optim.base import LowRankOptimizer
+
+    if stage < 1 or not isinstance(optimizer, LowRankOptimizer):
+        return
+    ranks = [g["rank"] for g in optimizer.param_groups if g.get("rank") is not None]
+    if ranks:
+        raise ValueError(FLATTENED_MESSAGE.format(
+            rank=ranks[0], what=f"DeepSpeed ZeRO stage {stage} would flatten its matrices",
+            support=engine_support(optimizer)))
 
 
 def check_group_layout(optimizer: LowRankOptimizer, group: dict) -> None:
@@ -338,14 +427,21 @@ def check_group_layout(optimizer: LowRankOptimizer, group: dict) -> None:
             what = (f"its {group[MATRICES_KEY]} matrices were replaced by {len(params)} 1-D "
                     f"tensor(s) of shape {tuple(params[0].shape) if params else ()}")
         elif any(hasattr(p, "ds_shape") for p in params):
-            what = "holds DeepSpeed ZeRO-3 partitioned parameters"
+            known = group.get("param_names") or []
+            named = [(known[i] if i < len(known) else f"param {i}", p)
+                     for i, p in enumerate(params)]
+            what = (f"holds DeepSpeed ZeRO-3 partitioned parameters ({_partitioned_names(named)}"
+                    ", created under deepspeed.zero.Init: each rank holds a flat 1-D slice)")
         if what:
-            raise ValueError(FLATTENED_MESSAGE.format(rank=group["rank"], what=what))
+            raise ValueError(FLATTENED_MESSAGE.format(rank=group["rank"], what=what,
+                                                      support=engine_support(optimizer)))
     for i, p in enumerate(params):
         if is_dtensor(p):
             problem = sharding_problem(optimizer, group, p)
             if problem:
-                raise NotImplementedError(f"{param_label(group, i, p)}: {problem}.")
+                raise NotImplementedError(
+                    f"{param_label(group, i, p)}: {problem}. {type(optimizer).__name__} runs as "
+                    f"configured under {REPLICATED_ENGINES}.")
 
 
 def all_ranks_true(flag: bool, params: Iterable[torch.Tensor]) -> bool:

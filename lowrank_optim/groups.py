@@ -10,6 +10,7 @@ from typing import Any
 from torch import nn
 
 from lowrank_optim.quantization import BITS
+from lowrank_optim.validation import check_int_at_least
 
 logger = logging.getLogger("lowrank_optim")
 
@@ -101,6 +102,26 @@ def plain_groups(
     return groups
 
 
+def _explain_no_selection(model: nn.Module, target_modules: TargetModules) -> None:
+    """Raise the precise reason when no weight was selected for a reason other than names:
+    nothing trainable at all, or every targeted Linear frozen."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ValueError(
+            f"{type(model).__name__} has no trainable parameters (every requires_grad is "
+            "False); unfreeze the weights to train (e.g. model.requires_grad_(True)), or, for "
+            "adapters, build the optimizer after peft has marked its trainable parameters.")
+    head = _output_head_ids(model) if _is_all_linear(target_modules) else set()
+    frozen = [n for n, m in model.named_modules()
+              if isinstance(m, nn.Linear) and id(m.weight) not in head and n
+              and (_is_all_linear(target_modules) or _matches(target_modules, n))
+              and not m.weight.requires_grad]
+    if frozen:
+        raise ValueError(
+            f"target_modules={target_modules!r} matched {len(frozen)} nn.Linear modules, but "
+            f"their weights are frozen (requires_grad=False), e.g. {frozen[0]!r}; unfreeze "
+            "them, or target the trainable ones.")
+
+
 def param_groups(
     model: nn.Module,
     target_modules: TargetModules = "all-linear",
@@ -142,6 +163,10 @@ def param_groups(
         Param groups with ``param_names`` (used in error messages and logs).  One summary line
         is logged to the ``lowrank_optim`` logger instead of a warning per module.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}; pass "
+                         "the model itself (param groups are built from its modules).")
+    check_int_at_least("rank", rank, 1)
     selected, ignored = select_linear_weights(model, target_modules)
     # ZeRO-3 partitioned weights (deepspeed.zero.Init) are empty 1-D slices: judge them by their
     # full shape, so that the optimizer's layout check names them instead of "rank exceeds 0"
@@ -154,6 +179,7 @@ def param_groups(
             "smaller rank."
         )
     if not selected:
+        _explain_no_selection(model, target_modules)
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
         raise ValueError(
             f"target_modules={target_modules!r} matched no nn.Linear weight. Linear modules in "

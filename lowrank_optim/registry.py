@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import difflib
 import functools
+import inspect
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
 
+from lowrank_optim.distributed import check_model_not_partitioned
 from lowrank_optim.groups import TargetModules, param_groups
 from lowrank_optim.optim.dct import DCTAdafactor, DCTAdamW
 from lowrank_optim.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
@@ -59,6 +62,24 @@ MODEL_BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
 }
 
 
+def _check_keywords(name: str, cls: type, kwargs: dict[str, Any]) -> None:
+    """Unknown optimizer keywords raise ``ValueError`` listing the accepted ones (before the
+    model is touched), instead of the class's bare ``TypeError``."""
+    accepted = [p for p in inspect.signature(cls).parameters if p != "params"]
+    for key in kwargs:
+        if key not in accepted:
+            close = difflib.get_close_matches(key, accepted, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            extra = (" (8-bit state is for the Adam-based optimizers)" if key == "bits" else "")
+            raise ValueError(f"{name!r} ({cls.__name__}) takes no argument {key!r}{extra}; "
+                             f"it takes {', '.join(accepted)}.{hint}")
+
+
+def _uses_8bit(key: str, optimizer_kwargs: dict[str, Any]) -> bool:
+    """Whether optimizer ``key`` built with ``optimizer_kwargs`` keeps 8-bit moments."""
+    return optimizer_kwargs.get("bits", 8 if key.endswith("8bit") else 32) == 8
+
+
 def available() -> list[str]:
     """Names accepted by :func:`create_optimizer`."""
     return sorted({**OPTIMIZERS, **BASELINES, **MODEL_BUILDERS})
@@ -73,6 +94,7 @@ def create_optimizer(
     update_proj_gap: int | None = UNSET,
     scale: float = UNSET,
     proj_type: str = "std",
+    embedding_bits: int | None = UNSET,
     **optimizer_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` for ``model``.
@@ -84,6 +106,10 @@ def create_optimizer(
     settings), 1 and 1.0 for ``dct_*`` (see :data:`PROJECTION_DEFAULTS_BY_NAME`).
     ``"galore_adamw8bit"``, ``"dct_adamw8bit"`` and ``"sst_adamw8bit"`` keep 8-bit moments
     (``bits=8``; any Adam-based name takes ``bits=8`` as a keyword too).
+    With 8-bit moments, ``nn.Embedding`` weights keep 32-bit moments (``embedding_bits``
+    defaults to 32 then, as the HF Trainer does for bitsandbytes' 8-bit optimizers: a row
+    only gets a gradient when its token is in the batch); pass ``embedding_bits=8`` to
+    quantise them too.
     ``"sst_adamw"`` / ``"sst_adamw8bit"`` convert ``model``'s targeted layers to
     ``SpectralLinear`` in place (unless it already has some) and take SST arguments
     (``iteration_length`` ...) as optimizer kwargs.
@@ -93,17 +119,31 @@ def create_optimizer(
     >>> opt = create_optimizer(model, "galore_adamw", lr=1e-2, rank=128, scale=0.25)
     >>> trainer = Trainer(model=model, args=args, optimizers=(opt, None), ...)
     """
+    if not isinstance(name, str):
+        raise ValueError(f"Invalid optimizer name={name!r}: pass one of {available()} as a "
+                         "string.")
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"create_optimizer needs the model (a torch.nn.Module), got "
+                         f"{type(model).__name__}; for a list of parameters or param groups, "
+                         "use the optimizer class directly, e.g. lowrank_optim.GaLoreAdamW.")
     key = name.lower().replace("-", "_")
+    if key not in OPTIMIZERS and key not in BASELINES and key not in MODEL_BUILDERS:
+        close = difflib.get_close_matches(key, available(), n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"Unknown optimizer name={name!r}; choose one of {available()}.{hint}")
     if key in BASELINES:
         return BASELINES[key](
             [p for p in model.parameters() if p.requires_grad], **optimizer_kwargs
         )
+    if embedding_bits is UNSET:
+        embedding_bits = 32 if _uses_8bit(key, optimizer_kwargs) else None
     if key in MODEL_BUILDERS:
         if update_proj_gap is not UNSET or scale is not UNSET:
             raise ValueError(f"{name!r} takes no update_proj_gap or scale: SST redraws its "
                              "vectors every iteration_length steps (an optimizer argument).")
+        check_model_not_partitioned(model, key)  # DeepSpeed ZeRO-3 (zero.Init) slices
         return MODEL_BUILDERS[key](model, target_modules=target_modules, rank=rank,
-                                   **optimizer_kwargs)
+                                   embedding_bits=embedding_bits, **optimizer_kwargs)
     if key not in OPTIMIZERS:
         raise ValueError(f"Unknown optimizer name={name!r}; choose one of {available()}.")
     proj = {**GALORE_PROJECTION_DEFAULTS, **PROJECTION_DEFAULTS_BY_NAME.get(key, {})}
@@ -111,6 +151,8 @@ def create_optimizer(
         proj["update_proj_gap"] = update_proj_gap
     if scale is not UNSET:
         proj["scale"] = scale
-    groups = param_groups(model, target_modules, rank=rank, proj_type=proj_type, **proj)
+    _check_keywords(name, OPTIMIZERS[key], optimizer_kwargs)
+    groups = param_groups(model, target_modules, rank=rank, proj_type=proj_type,
+                          embedding_bits=embedding_bits, **proj)
     return OPTIMIZERS[key](groups, **{**OPTIMIZER_DEFAULTS_BY_NAME.get(key, {}),
                                       **optimizer_kwargs})

@@ -3,7 +3,8 @@
 The GaLore paper's workflow (arXiv:2403.03507): a LLaMA model built from a config (tiny for
 CPU, 60m ... 7b), cosine schedule with 10% warm-up decaying to 10% of the peak, periodic
 validation perplexity, checkpoints with exact resume, on one process or many (DDP, FSDP2,
-DeepSpeed through accelerate's configs in ``recipes/accelerate/``).
+DeepSpeed: accelerate's configs in ``recipes/accelerate/``, or ``--deepspeed ds_zero0.json``
+with any launcher, e.g. ``deepspeed --num_gpus 2 recipes/pretrain.py``).
 
     accelerate launch recipes/pretrain.py --config recipes/configs/tiny.yaml
     accelerate launch --config_file recipes/accelerate/ddp.yaml recipes/pretrain.py \\
@@ -27,10 +28,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import sys
 import time
 import typing
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +52,15 @@ from lowrank_optim.registry import BASELINES, MODEL_BUILDERS  # noqa: E402
 
 #: optimizer names the recipe adds to ``lowrank_optim.available()``
 RECIPE_BASELINES = ("lora",)
+
+
+class RecipeError(ValueError):
+    """A setting, flag or checkpoint the recipe cannot use; the command line prints the message
+    and exits with status 2 (no traceback)."""
+
+
+class CheckpointError(RecipeError):
+    """A checkpoint that is incomplete, unreadable, or saved with other settings."""
 
 
 @dataclass
@@ -93,6 +106,8 @@ class RecipeConfig:
     min_lr_ratio: float = 0.1
     max_grad_norm: float = 0.0  # 0: no clipping
     mixed_precision: str = "auto"  # auto (launcher's, else bf16 on CUDA), no, bf16, fp16
+    # engine
+    deepspeed: str | None = None  # a DeepSpeed JSON config: run under DeepSpeed (any launcher)
     # evaluation, logging, checkpoints
     eval_every: int = 0  # 0: only at the end
     eval_samples: int = 256  # validation windows per evaluation
@@ -104,6 +119,7 @@ class RecipeConfig:
     save_every: int = 0  # 0: no periodic checkpoint
     keep_checkpoints: int = 2
     resume_from: str | None = None  # a checkpoint directory, or "latest" in output_dir
+    allow_config_change: bool = False  # resume although structural settings differ (logged)
     stop_after: int | None = None  # stop (with a checkpoint) after this step: an interruption
     save_final_model: bool = False
     check_sync_every: int = 0  # DDP: check every N steps that ranks hold identical replicas
@@ -117,8 +133,24 @@ def _field_types() -> dict[str, Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(RecipeConfig)}
 
 
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _bad(name: str, value: Any, problem: str) -> RecipeError:
+    """The error for setting ``name``: its value, what is wrong, and the flag that sets it."""
+    return RecipeError(f"{name}={value!r}: {problem} (set with {_flag(name)} or `{name}:` in "
+                       "the config file)")
+
+
 def _coerce(name: str, value: Any) -> Any:
-    """``value`` (from YAML or the command line) as the type of field ``name``."""
+    """``value`` (from YAML or the command line) as the type of field ``name``.
+
+    Raises
+    ------
+    RecipeError
+        The value does not convert; the message names the setting and its flag.
+    """
     kind = _field_types()[name]
     args = typing.get_args(kind)
     optional = type(None) in args
@@ -126,89 +158,208 @@ def _coerce(name: str, value: Any) -> Any:
     if value is None or (optional and isinstance(value, str) and value.lower() in ("none", "null")):
         if optional or base is Any:
             return None
-        raise ValueError(f"{name} cannot be null")
+        raise _bad(name, value, "cannot be null")
     if base is bool:
         if isinstance(value, str):
             if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
-                raise ValueError(f"{name}={value!r}: expected true or false")
+                raise _bad(name, value, "expected true or false")
             return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, (bool, int)) or value not in (0, 1):
+            raise _bad(name, value, "expected true or false")
         return bool(value)
     if base in (int, float):
-        if isinstance(value, bool):
-            raise ValueError(f"{name}={value!r}: expected a number")
-        number = base(float(value)) if base is int else float(value)
-        if base is int and float(value) != number:
-            raise ValueError(f"{name}={value!r}: expected an integer")
-        return number
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise _bad(name, value, f"expected {'an integer' if base is int else 'a number'}")
+        try:
+            number = float(value)
+        except ValueError:
+            raise _bad(name, value, f"expected {'an integer' if base is int else 'a number'}"
+                       ) from None
+        if base is float:
+            return number
+        if not math.isfinite(number) or int(number) != number:
+            raise _bad(name, value, "expected an integer")
+        return int(number)
     if base in (dict, list):
         if isinstance(value, str):
-            value = json.loads(value) if value[:1] in "[{" else [value]
+            try:
+                value = json.loads(value) if value[:1] in "[{" else [value]
+            except json.JSONDecodeError as e:
+                raise _bad(name, value, f"not valid JSON ({e})") from None
         if isinstance(value, (list, tuple)) and base is list:
             return list(value)
         if not isinstance(value, base):
-            raise ValueError(f"{name}={value!r}: expected a {base.__name__}")
+            raise _bad(name, value, f"expected a {base.__name__}")
         return value
     if base is Any and isinstance(value, str) and value[:1] == "[":
-        return json.loads(value)
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise _bad(name, value, f"not valid JSON ({e})") from None
+    if base is str:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)  # YAML reads `run_name: 1` as a number
+        if not isinstance(value, str):
+            raise _bad(name, value, "expected a string")
     return value
 
 
 def load_config_file(path: str | os.PathLike) -> dict[str, Any]:
-    """Settings from a YAML or JSON file."""
-    text = Path(path).read_text(encoding="utf-8")
-    if str(path).endswith(".json"):
-        data = json.loads(text)
-    else:
-        import yaml
+    """Settings from a YAML or JSON file.
 
-        data = yaml.safe_load(text) or {}
+    Raises
+    ------
+    RecipeError
+        The file is missing, does not parse, or does not hold a mapping.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise RecipeError(f"--config {path}: cannot read the file ({e.strerror or e})") from None
+    try:
+        if str(path).endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text) or {}
+    except Exception as e:  # json.JSONDecodeError, yaml.YAMLError
+        raise RecipeError(f"--config {path}: does not parse ({e})") from None
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a mapping of settings")
+        raise RecipeError(f"--config {path}: expected a mapping of settings")
     return data
 
 
-def _check_keys(data: dict, where: str) -> None:
+def _check_keys(data: Any, where: str) -> None:
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where}: expected a mapping of settings, got {data!r}")
     known = {f.name for f in dataclasses.fields(RecipeConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ValueError(f"{where}: unknown settings {unknown}; valid ones: {sorted(known)}")
+        import difflib
+
+        hints = {u: difflib.get_close_matches(str(u), known, 1) for u in unknown}
+        hint = "; ".join(f"{u!r}: did you mean {m[0]!r}?" for u, m in hints.items() if m)
+        raise RecipeError(f"{where}: unknown settings {unknown}{'; ' + hint if hint else ''}; "
+                          f"valid ones: {sorted(known)}")
 
 
 def make_config(file_settings: dict[str, Any], cli_settings: dict[str, Any]) -> RecipeConfig:
-    """Defaults < file < file's ``optimizer_overrides[optimizer]`` < command line."""
+    """Defaults < file < file's ``optimizer_overrides[optimizer]`` < command line.
+
+    Raises
+    ------
+    RecipeError
+        An unknown key, a value of the wrong type, or settings :func:`validate_config` rejects.
+    """
     _check_keys(file_settings, "config file")
     _check_keys(cli_settings, "command line")
     merged = {**file_settings, **cli_settings}
     name = str(merged.get("optimizer", RecipeConfig.optimizer))
     overrides = _coerce("optimizer_overrides", merged.get("optimizer_overrides", {}))
-    per_optimizer = overrides.get(name, {}) or {}
-    _check_keys(per_optimizer, f"optimizer_overrides[{name!r}]")
+    for block, block_settings in overrides.items():  # a typo in any block fails now, not later
+        if _normal_name(block) not in optimizer_names():
+            raise _bad("optimizer_overrides", block,
+                       f"not an optimizer; blocks are named after {optimizer_names()}")
+        _check_keys(block_settings, f"optimizer_overrides[{block!r}]")
+    per_optimizer = next((v for k, v in overrides.items()
+                          if _normal_name(k) == _normal_name(name)), {}) or {}
     settings = {**file_settings, **per_optimizer, **cli_settings}
     cfg = RecipeConfig(**{k: _coerce(k, v) for k, v in settings.items()})
     validate_config(cfg)
     return cfg
 
 
+def _normal_name(name: Any) -> str:
+    return str(name).lower().replace("-", "_")
+
+
+#: optimizer_kwargs keys that have their own setting (the setting would silently win, or lose)
+_OWN_SETTINGS = ("lr", "weight_decay", "betas", "rank", "update_proj_gap", "scale", "proj_type",
+                 "target_modules")
+
+
 def validate_config(cfg: RecipeConfig) -> None:
-    """Raise ``ValueError`` on settings the recipe cannot run."""
+    """Raise :class:`RecipeError` on settings the recipe cannot run, or would silently ignore.
+
+    Each message names the setting, its value, what is wrong and the flag that sets it.
+    """
+    from lowrank_optim.projectors.dct import DCT_PROJ_TYPES
+    from lowrank_optim.validation import PROJ_TYPES
+
     names = optimizer_names()
-    if cfg.optimizer.lower().replace("-", "_") not in names:
-        raise ValueError(f"optimizer={cfg.optimizer!r}: choose one of {names}")
+    if _normal_name(cfg.optimizer) not in names:
+        raise _bad("optimizer", cfg.optimizer, f"choose one of {names}")
     if cfg.model not in LLAMA_SHAPES:
-        raise ValueError(f"model={cfg.model!r}: choose one of {sorted(LLAMA_SHAPES)}")
+        raise _bad("model", cfg.model, f"choose one of {sorted(LLAMA_SHAPES)}")
     for key in ("batch_size", "gradient_accumulation_steps", "max_steps", "seq_len", "log_every",
-                "eval_samples"):
+                "eval_samples", "rank", "keep_checkpoints", "vocab_size"):
         if getattr(cfg, key) < 1:
-            raise ValueError(f"{key}={getattr(cfg, key)} must be >= 1")
-    if not 0.0 <= cfg.warmup_ratio < 1.0 or not 0.0 <= cfg.min_lr_ratio <= 1.0:
-        raise ValueError("warmup_ratio must be in [0, 1) and min_lr_ratio in [0, 1]")
+            raise _bad(key, getattr(cfg, key), "must be >= 1")
+    for key in ("eval_every", "save_every", "check_sync_every", "seed"):
+        if getattr(cfg, key) < 0:
+            raise _bad(key, getattr(cfg, key), "must be >= 0 (0: off)" if key != "seed"
+                       else "must be >= 0")
+    for key in ("update_proj_gap", "stop_after", "corpus_max_chars"):
+        if getattr(cfg, key) is not None and getattr(cfg, key) < 1:
+            raise _bad(key, getattr(cfg, key), "must be >= 1, or null for the default")
+    if cfg.stop_after is not None and cfg.stop_after > cfg.max_steps:
+        raise _bad("stop_after", cfg.stop_after, f"beyond max_steps={cfg.max_steps}, so it would "
+                   "never interrupt the run; lower it or drop it")
+    for key, text in (("lr", "must be > 0"), ("lora_alpha", "must be > 0"),
+                      ("scale", "must be > 0, or null for the default")):
+        value = getattr(cfg, key)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise _bad(key, value, text)
+    for key, text in (("weight_decay", "must be >= 0"),
+                      ("max_grad_norm", "must be >= 0 (0: no clipping)")):
+        if not (math.isfinite(getattr(cfg, key)) and getattr(cfg, key) >= 0):
+            raise _bad(key, getattr(cfg, key), text)
+    if not 0.0 <= cfg.warmup_ratio < 1.0:
+        raise _bad("warmup_ratio", cfg.warmup_ratio, "must be in [0, 1)")
+    if not 0.0 <= cfg.min_lr_ratio <= 1.0:
+        raise _bad("min_lr_ratio", cfg.min_lr_ratio, "must be in [0, 1]")
+    if not 0.0 < cfg.val_fraction < 1.0:
+        raise _bad("val_fraction", cfg.val_fraction, "must be in (0, 1)")
+    if cfg.betas is not None:
+        try:
+            betas = [float(b) for b in cfg.betas]
+        except (TypeError, ValueError):
+            raise _bad("betas", cfg.betas, "expected two numbers, e.g. --betas 0.9 0.999"
+                       ) from None
+        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
+            raise _bad("betas", cfg.betas, "expected two numbers in [0, 1), e.g. --betas 0.9 "
+                       "0.999")
+    proj_types = DCT_PROJ_TYPES if _normal_name(cfg.optimizer).startswith("dct_") else PROJ_TYPES
+    if cfg.proj_type not in proj_types:
+        raise _bad("proj_type", cfg.proj_type, f"choose one of {list(proj_types)} for "
+                   f"{cfg.optimizer}")
+    targets = cfg.target_modules
+    if not (isinstance(targets, str) and targets or isinstance(targets, list) and targets
+            and all(isinstance(t, str) and t for t in targets)):
+        raise _bad("target_modules", targets, "expected 'all-linear', a regex, or a non-empty "
+                   "list of module names")
+    clashes = sorted(set(cfg.optimizer_kwargs) & set(_OWN_SETTINGS))
+    if clashes:
+        raise _bad("optimizer_kwargs", cfg.optimizer_kwargs, f"{clashes} have their own "
+                   f"settings; use {', '.join(_flag(c) for c in clashes)} instead")
     if cfg.refresh_sync not in ("none", "broadcast"):
-        raise ValueError(f"refresh_sync={cfg.refresh_sync!r}: choose 'none' or 'broadcast'")
+        raise _bad("refresh_sync", cfg.refresh_sync, "choose 'none' or 'broadcast'")
     if cfg.mixed_precision not in ("auto", "no", "bf16", "fp16"):
-        raise ValueError(f"mixed_precision={cfg.mixed_precision!r}: auto, no, bf16 or fp16")
+        raise _bad("mixed_precision", cfg.mixed_precision, "choose auto, no, bf16 or fp16")
     trackers = {"console", "tensorboard", "wandb", "all", "none"}
-    if set(cfg.report_to) - trackers:
-        raise ValueError(f"report_to={cfg.report_to}: choose from {sorted(trackers)}")
+    if not cfg.report_to or set(cfg.report_to) - trackers:
+        raise _bad("report_to", cfg.report_to, f"choose from {sorted(trackers)}")
+    if "none" in cfg.report_to and len(set(cfg.report_to)) > 1:
+        raise _bad("report_to", cfg.report_to, "'none' cannot be combined with trackers")
+    if not all(isinstance(d, str) and d for d in cfg.data):
+        raise _bad("data", cfg.data, "expected file paths or glob patterns")
+    if cfg.hf_dataset and cfg.data:
+        raise _bad("data", cfg.data, f"hf_dataset={cfg.hf_dataset!r} is set too; choose one "
+                   "source (--data or --hf-dataset)")
+    for key in ("output_dir", "cache_dir", "tokenizer"):
+        if not getattr(cfg, key):
+            raise _bad(key, getattr(cfg, key), "cannot be empty")
 
 
 def parse_args(argv: list[str] | None = None) -> RecipeConfig:
@@ -217,6 +368,8 @@ def parse_args(argv: list[str] | None = None) -> RecipeConfig:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                  argument_default=argparse.SUPPRESS)
     ap.add_argument("--config", help="YAML or JSON file of settings")
+    # the `deepspeed` launcher appends --local_rank=<i>; LOCAL_RANK in the environment says the same
+    ap.add_argument("--local_rank", "--local-rank", dest="local_rank", help=argparse.SUPPRESS)
     for f in dataclasses.fields(RecipeConfig):
         flag = "--" + f.name.replace("_", "-")
         if _field_types()[f.name] in (list, list | None):
@@ -225,6 +378,7 @@ def parse_args(argv: list[str] | None = None) -> RecipeConfig:
             ap.add_argument(flag, dest=f.name, metavar=f.name.upper())
     ns = vars(ap.parse_args(argv))
     path = ns.pop("config", None)
+    ns.pop("local_rank", None)
     cli = {k: (v if not isinstance(v, list) or len(v) > 1 or v[0][:1] != "[" else v[0])
            for k, v in ns.items()}
     return make_config(load_config_file(path) if path else {}, cli)
@@ -236,12 +390,68 @@ def optimizer_names() -> list[str]:
 
 
 # -- building blocks ----------------------------------------------------------------------------
-def make_accelerator(cfg: RecipeConfig):
-    """An ``Accelerator`` with the recipe's accumulation, precision and trackers.
+#: how to launch the recipe on several CPU processes, for the errors of :func:`check_launch`
+WORKING_LAUNCHES = (
+    "Launches that work on CPU (recipes/README.md): DDP with `ACCELERATE_USE_CPU=true accelerate "
+    "launch --config_file recipes/accelerate/ddp.yaml --num_processes 2 --mixed_precision no "
+    "recipes/pretrain.py ...` (fsdp2.yaml for FSDP2) or `torchrun --nproc_per_node 2 "
+    "recipes/pretrain.py ...`; DeepSpeed with `DS_ACCELERATOR=cpu deepspeed --num_gpus 2 "
+    "recipes/pretrain.py --deepspeed recipes/accelerate/ds_zero0.json ...` (ZeRO stage 0: every "
+    "optimizer; ds_zero2.json: adamw and lora only)"
+)
 
-    accelerate runs FSDP only on accelerator devices; launched with an FSDP2 config on CPU
-    (``ACCELERATE_USE_CPU=true``, gloo) it would silently fall back to DDP.  The recipe then
-    turns accelerate's own FSDP2 path back on, so CPU tests exercise the same code as GPUs.
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "false").lower() in ("true", "1", "yes")
+
+
+#: where launchers put the number of processes and this process's rank (torchrun, deepspeed,
+#: accelerate: WORLD_SIZE / RANK; MPI launchers: the others), as accelerate reads them
+WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "LOCAL_RANK")
+
+
+def _launched(variables: tuple[str, ...]) -> tuple[str, int] | None:
+    """``(name, value)`` of the first of ``variables`` set in the environment, or None."""
+    name = next((v for v in variables if os.environ.get(v)), None)
+    return None if name is None else (name, int(os.environ[name]))
+
+
+def _no_accelerator_device() -> bool:
+    """Whether this machine has no GPU (or other accelerator): processes talk over gloo."""
+    available = getattr(torch, "accelerator", None)
+    if available is not None:
+        return not torch.accelerator.is_available()
+    return not torch.cuda.is_available()  # pragma: no cover - torch < 2.6
+
+
+def deepspeed_plugin(cfg: RecipeConfig):
+    """The ``DeepSpeedPlugin`` of ``cfg.deepspeed`` (a JSON file), or None.
+
+    ``None`` also when DeepSpeed comes from an accelerate config (``distributed_type:
+    DEEPSPEED``): accelerate then builds the plugin from the launcher's environment.
+    """
+    if not cfg.deepspeed:
+        return None
+    from accelerate.utils import DeepSpeedPlugin
+
+    path = Path(cfg.deepspeed)
+    if not path.is_file():
+        raise FileNotFoundError(f"deepspeed={cfg.deepspeed!r}: no such DeepSpeed JSON config")
+    return DeepSpeedPlugin(hf_ds_config=json.loads(path.read_text()))
+
+
+def make_accelerator(cfg: RecipeConfig):
+    """An ``Accelerator`` with the recipe's accumulation, precision, engine and trackers.
+
+    accelerate runs FSDP and DeepSpeed only on accelerator devices; launched with an FSDP2 or
+    DeepSpeed config on CPU (gloo) it silently falls back to DDP (``ACCELERATE_USE_CPU=true``)
+    or, for DeepSpeed, lets every process train alone as rank 0 of 1.  The recipe runs
+    launched CPU processes through accelerate's gloo path and then turns accelerate's own FSDP2
+    or DeepSpeed path back on, so CPU tests exercise the same code as GPUs.  DeepSpeed is asked
+    for with ``cfg.deepspeed`` (a JSON config; any launcher: ``deepspeed``, ``torchrun``,
+    ``accelerate launch``) or an accelerate config with ``distributed_type: DEEPSPEED``.
+    Launches that would still not run as asked are refused (:func:`check_launch`).
     """
     from accelerate import Accelerator
 
@@ -255,11 +465,84 @@ def make_accelerator(cfg: RecipeConfig):
     trackers = set(cfg.report_to)
     log_with = sorted({"tensorboard", "wandb"} if "all" in trackers
                       else trackers & {"tensorboard", "wandb"})
+    plugin = deepspeed_plugin(cfg)
+    wants_deepspeed = (f"--deepspeed {cfg.deepspeed}" if plugin is not None else
+                       "the accelerate config's distributed_type: DEEPSPEED"
+                       if _env_flag("ACCELERATE_USE_DEEPSPEED") else None)
+    # launched processes (LOCAL_RANK / WORLD_SIZE set) on a machine without GPUs: gloo, which
+    # accelerate only sets up with cpu=True (else each process would run alone)
+    world = _launched(WORLD_SIZE_VARIABLES)
+    launched = "LOCAL_RANK" in os.environ or (world is not None and world[1] > 1)
+    cpu = launched and _no_accelerator_device()
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=mixed, log_with=log_with or None,
-                              project_dir=cfg.output_dir)
+                              project_dir=cfg.output_dir, cpu=cpu, deepspeed_plugin=plugin)
     _enable_fsdp2_on_cpu(accelerator)
+    if wants_deepspeed:
+        _enable_deepspeed_on_cpu(accelerator, plugin)
+    check_launch(accelerator, wants_deepspeed)
     return accelerator
+
+
+def _enable_deepspeed_on_cpu(accelerator, plugin) -> None:
+    """Turn accelerate's DeepSpeed path on for gloo processes (accelerate made them DDP)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import DeepSpeedPlugin, DistributedType
+
+    if accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    if get_accelerator().device_name() != "cpu":
+        raise RuntimeError(
+            f"DeepSpeed's accelerator is {get_accelerator().device_name()!r} but the processes run "
+            f"on CPU; set DS_ACCELERATOR=cpu. {WORKING_LAUNCHES}.")
+    plugin = plugin if plugin is not None else DeepSpeedPlugin()  # the launcher's variables
+    state = accelerator.state
+    plugin.set_mixed_precision(state._mixed_precision)  # as AcceleratorState does on GPUs
+    plugin.select(_from_accelerator_state=True)
+    state.deepspeed_plugins = plugin
+    state._mixed_precision = "no"  # DeepSpeed's config holds the precision
+    state.distributed_type = DistributedType.DEEPSPEED
+    PartialState._shared_state["distributed_type"] = DistributedType.DEEPSPEED
+    accelerator.deepspeed_engine_wrapped = None
+
+
+def check_launch(accelerator, wants_deepspeed: str | None = None) -> None:
+    """Refuse launches this process would not run as asked, before any work.
+
+    Raises ``RuntimeError`` (saying which launches work) when the launcher started more
+    processes than accelerate sees (each would train alone on the same data and write the same
+    metrics: the losses of a DeepSpeed engine that believes it is alone come out doubled), when
+    this process's rank disagrees with the launcher's ``RANK`` (several processes would each
+    act as rank 0), or when DeepSpeed was asked for but the accelerator is not DeepSpeed.
+
+    Parameters
+    ----------
+    accelerator
+        The recipe's ``Accelerator``.
+    wants_deepspeed
+        What asked for DeepSpeed (``--deepspeed FILE`` or the accelerate config), or None.
+    """
+    from accelerate.utils import DistributedType
+
+    world_variable, world = _launched(WORLD_SIZE_VARIABLES) or ("WORLD_SIZE", 1)
+    rank_variable, rank = _launched(RANK_VARIABLES) or ("RANK", 0)
+    n, i = accelerator.num_processes, accelerator.process_index
+    problems = []
+    if world != n:
+        problems.append(f"the launcher started {world_variable}={world} processes but this one "
+                        f"runs as rank {i} of {n} ({_engine(accelerator)}): every process would "
+                        "train alone on the same samples and write the same metrics")
+    elif rank != i:
+        problems.append(f"the launcher made this process {rank_variable}={rank} but it runs as "
+                        f"rank {i} of {n}: several processes would act as the same rank")
+    if wants_deepspeed and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        problems.append(f"DeepSpeed was asked for ({wants_deepspeed}) but the accelerator "
+                        f"runs {_engine(accelerator)}")
+    if problems:
+        raise RuntimeError("Refusing this launch: " + "; ".join(problems) + ". "
+                           + WORKING_LAUNCHES + ".")
 
 
 def _enable_fsdp2_on_cpu(accelerator) -> None:
@@ -405,77 +688,462 @@ def perplexity(loss: float) -> float:
     return math.exp(min(loss, 50.0))
 
 
+# -- crash-safe files ---------------------------------------------------------------------------
+#: test hook: ``"<point>:<n>"`` kills this process with SIGKILL the n-th time it reaches
+#: ``_fault_point(<point>)`` (points: atomic-open, atomic-write, atomic-replace, atomic-dirsync,
+#: append-write, checkpoint-state, checkpoint-prune); unset in normal runs
+FAULT_ENV = "LOWRANK_RECIPE_FAULT"
+_fault_hits: dict[str, int] = {}
+
+
+def _fault_armed(point: str) -> bool:
+    return bool(point) and os.environ.get(FAULT_ENV, "").partition(":")[0] == point
+
+
+def _fault_point(point: str) -> None:
+    """SIGKILL this process here if ``$LOWRANK_RECIPE_FAULT`` names ``point`` (tests only)."""
+    if not _fault_armed(point):
+        return
+    _fault_hits[point] = _fault_hits.get(point, 0) + 1
+    if _fault_hits[point] == int(os.environ[FAULT_ENV].partition(":")[2] or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _write_fd(fd: int, payload: bytes, point: str) -> None:
+    """Write all of ``payload`` (in two halves around ``point`` when a test armed it)."""
+    if _fault_armed(point):
+        _write_fd(fd, payload[:len(payload) // 2], "")
+        _fault_point(point)
+        payload = payload[len(payload) // 2:]
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a rename or a new file in ``directory`` durable (no-op where directories cannot be
+    opened, e.g. Windows)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes) -> None:
+    """Replace ``path`` with ``data`` so that a kill at any moment leaves the old file or the new
+    one, never a partial one.
+
+    The data goes to a temporary file in the same directory (``.<name>.<pid>.tmp``), which is
+    flushed and fsynced, renamed over ``path`` with ``os.replace``, and the directory is fsynced.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        The file to write.
+    data : str or bytes
+        Its whole new content (``str`` is encoded as UTF-8).
+    """
+    path = Path(path)
+    payload = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+    try:
+        _fault_point("atomic-open")
+        _write_fd(fd, payload, "atomic-write")
+        os.fsync(fd)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    os.close(fd)
+    _fault_point("atomic-replace")
+    os.replace(tmp, path)
+    _fault_point("atomic-dirsync")
+    _fsync_dir(path.parent)
+
+
+def append_line(path: str | os.PathLike, line: str) -> None:
+    """Append ``line`` and a newline to ``path`` with one write, then fsync.
+
+    A kill can only leave a partial *last* line (no newline, or not JSON), which
+    :meth:`Metrics.truncate` drops at resume.
+    """
+    path = Path(path)
+    created = not path.exists()
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        _write_fd(fd, (line + "\n").encode("utf-8"), "append-write")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    if created:
+        _fsync_dir(path.parent)
+
+
+def _remove_stale_temporaries(directory: Path) -> None:
+    """Temporary files of :func:`atomic_write` left by a killed process."""
+    for tmp in directory.glob(".*.tmp"):
+        if re.fullmatch(r"\.(metrics\.jsonl|summary\.json|rank\d+\.json)\.\d+\.tmp", tmp.name):
+            tmp.unlink(missing_ok=True)
+
+
+# -- checkpoints --------------------------------------------------------------------------------
+STATE_FILE = "train_state.json"  # written last: marks a checkpoint complete
+SETTINGS_FILE = "recipe_settings.json"  # the settings the checkpoint was trained with
+
+#: settings that may change between a checkpoint and its resume: they do not change what is
+#: trained (outputs, logging, evaluation, launch); every other one is checked at resume
+RESUME_FREE_SETTINGS = frozenset({
+    "optimizer_overrides",  # already merged into the fields it overrides
+    "refresh_sync", "cache_dir", "hf_val_split", "eval_every", "eval_samples", "log_every",
+    "report_to", "project", "run_name", "output_dir", "save_every", "keep_checkpoints",
+    "resume_from", "allow_config_change", "stop_after", "save_final_model", "check_sync_every",
+    "progress", "mixed_precision",  # compared as resolved by the accelerator (below)
+})
+
+
 @dataclass
 class TrainState:
-    """The data position and counters, saved as ``train_state.json`` with each checkpoint."""
+    """The data position and counters, saved as ``train_state.json`` with each checkpoint
+    (written last and atomically: its presence marks the checkpoint complete)."""
 
     step: int = 0  # optimizer steps done
     samples: int = 0  # training windows consumed (all processes)
     tokens: int = 0
+    metrics_lines: int | None = None  # lines of metrics.jsonl written before this checkpoint
+    loss_sums: list[float] | None = None  # per-process train-loss sums since the last log line
+    since_log: int = 0  # steps in those sums
+    files: dict[str, int] | None = None  # every file of the checkpoint and its size in bytes
 
     def save(self, directory: Path) -> None:
-        (directory / "train_state.json").write_text(json.dumps(asdict(self)))
+        """Write ``directory/train_state.json`` atomically."""
+        atomic_write(Path(directory) / STATE_FILE, json.dumps(asdict(self)))
 
     @classmethod
     def load(cls, directory: Path) -> TrainState:
-        return cls(**json.loads((directory / "train_state.json").read_text()))
+        """Read ``directory/train_state.json``.
+
+        Raises
+        ------
+        CheckpointError
+            The file is missing or unreadable; the message names it and the reason.
+        """
+        path = Path(directory) / STATE_FILE
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete (its save "
+                                  "was interrupted)") from None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path} is unreadable: {e}") from None
+        if not isinstance(data, dict) or not isinstance(data.get("step"), int):
+            raise CheckpointError(f"{path} is unreadable: expected an object with a 'step'")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why ``directory`` cannot be resumed from (a message naming the file), or ``None``.
+
+    A checkpoint is complete when ``train_state.json`` reads back and every file it lists is
+    there with its recorded size, and its settings file (when present) reads back.
+    """
+    try:
+        state = TrainState.load(directory)
+    except CheckpointError as e:
+        return str(e)
+    for name, size in (state.files or {}).items():
+        path = Path(directory) / name
+        if not path.is_file():
+            return f"{path} is missing (listed in {Path(directory) / STATE_FILE})"
+        if path.stat().st_size != size:
+            return (f"{path} has {path.stat().st_size} bytes, {size} when the checkpoint was "
+                    "saved")
+    settings = Path(directory) / SETTINGS_FILE
+    if settings.exists():
+        try:
+            json.loads(settings.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"{settings} is unreadable: {e}"
+    return None
+
+
+def _step_directories(output_dir: str | os.PathLike) -> list[Path]:
+    """Every ``checkpoints/step_<n>`` directory, complete or not, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    found = [p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
 
 
 def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
-    """Complete checkpoints (with ``train_state.json``), oldest first."""
-    root = Path(output_dir) / "checkpoints"
-    done = [p for p in root.glob("step_*") if (p / "train_state.json").exists()]
-    return sorted(done, key=lambda p: int(p.name.split("_")[1]))
+    """Complete checkpoints (see :func:`checkpoint_problem`), oldest first."""
+    return [p for p in _step_directories(output_dir) if checkpoint_problem(p) is None]
+
+
+def _discard(directory: Path) -> None:
+    """Remove a checkpoint directory: renamed first (atomic: it stops being a checkpoint at
+    once), then deleted."""
+    trash = directory.with_name(f".deleting-{directory.name}-{os.getpid()}")
+    os.replace(directory, trash)
+    _fsync_dir(directory.parent)
+    _fault_point("checkpoint-prune")
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _sync_files(directory: Path) -> dict[str, int]:
+    """fsync every file under ``directory``; their sizes by relative path."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        files[path.relative_to(directory).as_posix()] = path.stat().st_size
+    for sub in {p.parent for p in directory.rglob("*")} | {directory}:
+        _fsync_dir(sub)
+    return files
+
+
+def run_settings(cfg: RecipeConfig, accelerator) -> dict[str, Any]:
+    """The settings that define what a run trains: every setting except
+    :data:`RESUME_FREE_SETTINGS`, plus the precision, engine and number of processes."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE_SETTINGS}
+    settings["optimizer"] = _normal_name(cfg.optimizer)
+    if cfg.betas is not None:
+        settings["betas"] = [float(b) for b in cfg.betas]
+    settings["mixed_precision"] = str(accelerator.mixed_precision)
+    settings["engine"] = _engine(accelerator)
+    settings["num_processes"] = accelerator.num_processes
+    return json.loads(json.dumps(settings, default=str))
+
+
+def settings_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{setting: {"saved": ..., "now": ...}}`` for each setting that differs.
+
+    A setting the checkpoint did not record (added to the recipe later) counts as changed only
+    when it is not at its default.
+    """
+    defaults = json.loads(json.dumps(asdict(RecipeConfig()), default=str))
+    changes = {}
+    for key in sorted(now):
+        before = saved.get(key, defaults.get(key, now[key]))
+        if before != now[key]:
+            changes[key] = {"saved": before, "now": now[key]}
+    return changes
+
+
+def _describe_changes(changes: dict[str, dict[str, Any]], saved: dict[str, Any],
+                      now: dict[str, Any]) -> str:
+    lines = [f"  {k}: saved {v['saved']!r}, now {v['now']!r}" for k, v in changes.items()]
+    batch_keys = ("batch_size", "gradient_accumulation_steps", "num_processes")
+    if set(changes) & set(batch_keys) and all(k in saved for k in batch_keys):
+        before, after = (math.prod(int(d[k]) for k in batch_keys) for d in (saved, now))
+        lines.append(f"  (global batch: saved {before} sequences per step, now {after})")
+    return "\n".join(lines)
+
+
+def check_resume_settings(directory: Path, cfg: RecipeConfig,
+                          accelerator) -> dict[str, dict[str, Any]]:
+    """Compare this run's settings with those ``directory`` was saved with, before anything is
+    loaded.
+
+    Returns
+    -------
+    dict
+        The differences (empty when none), allowed by ``allow_config_change``.
+
+    Raises
+    ------
+    CheckpointError
+        Settings differ (each listed, saved vs now) and ``allow_config_change`` is false.
+    """
+    now = run_settings(cfg, accelerator)
+    path = Path(directory) / SETTINGS_FILE
+    if not path.exists():
+        if cfg.allow_config_change:
+            return {"(all)": {"saved": f"{path} missing", "now": "not checked"}}
+        raise CheckpointError(
+            f"{path} is missing (a checkpoint of an older recipe version): its settings cannot be "
+            "checked against this run's. Pass --allow-config-change true to resume anyway.")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    saved = data.get("settings") if isinstance(data, dict) else None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} is unreadable: expected an object with 'settings'")
+    changes = settings_changes(saved, now)
+    if changes and not cfg.allow_config_change:
+        raise CheckpointError(
+            f"resume_from: {directory} was saved with other settings than this run's:\n"
+            f"{_describe_changes(changes, saved, now)}\n"
+            "Resume with the saved settings, or pass --allow-config-change true to continue "
+            "with the new ones (the differences are then logged to metrics.jsonl and "
+            "summary.json).")
+    if changes and accelerator.is_main_process:
+        print(f"[pretrain] warning: resuming {directory} with changed settings "
+              f"(--allow-config-change true):\n{_describe_changes(changes, saved, now)}",
+              file=sys.stderr, flush=True)
+    return changes
 
 
 def save_checkpoint(accelerator, state: TrainState, cfg: RecipeConfig) -> Path:
     """``accelerator.save_state`` (model, optimizer, scheduler, RNG of every process) plus the
-    data position; older checkpoints beyond ``keep_checkpoints`` are removed."""
-    directory = Path(cfg.output_dir) / "checkpoints" / f"step_{state.step}"
+    settings and the data position; older checkpoints beyond ``keep_checkpoints`` are removed.
+
+    Crash safety: the files are fsynced, the settings and then ``train_state.json`` (the
+    completion marker, listing every file and its size) are written atomically, and a
+    checkpoint is removed by renaming it first; a kill at any moment leaves complete
+    checkpoints and at most one incomplete one, which ``--resume-from latest`` skips.
+    """
+    root = Path(cfg.output_dir) / "checkpoints"
+    directory = root / f"step_{state.step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if directory.exists():  # an interrupted save of this step: start afresh
+            _discard(directory)
+    accelerator.wait_for_everyone()
     accelerator.save_state(str(directory))
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        _fault_point("checkpoint-state")
+        state.files = _sync_files(directory)
+        atomic_write(directory / SETTINGS_FILE, json.dumps(
+            {"settings": run_settings(cfg, accelerator), "config": _flat_config(cfg)}, indent=1))
         state.save(directory)  # written last: marks the checkpoint complete
-        for old in checkpoints(cfg.output_dir)[:-max(1, cfg.keep_checkpoints)]:
-            shutil.rmtree(old, ignore_errors=True)
+        _prune(cfg, state.step)
     accelerator.wait_for_everyone()
     return directory
 
 
-def resume_directory(cfg: RecipeConfig) -> Path | None:
+def _prune(cfg: RecipeConfig, step: int) -> None:
+    """Keep the newest ``keep_checkpoints`` complete checkpoints; remove the older ones, and
+    interrupted saves before ``step``, and finish interrupted deletions."""
+    complete = checkpoints(cfg.output_dir)
+    for old in complete[:-cfg.keep_checkpoints]:
+        _discard(old)
+    for path in _step_directories(cfg.output_dir):  # interrupted saves of earlier steps
+        if path not in complete and int(path.name.split("_")[1]) < step:
+            _discard(path)
+    _finish_deletions(cfg.output_dir)
+
+
+def _finish_deletions(output_dir: str | os.PathLike) -> None:
+    """Delete what :func:`_discard` renamed but was killed before deleting."""
+    for trash in (Path(output_dir) / "checkpoints").glob(".deleting-step_*"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+def resume_directory(cfg: RecipeConfig, verbose: bool = True) -> Path | None:
+    """The checkpoint to resume from: ``None`` (``resume_from`` unset, or ``latest`` with no
+    complete checkpoint yet), the newest complete one for ``latest``, or the given directory.
+
+    ``latest`` skips incomplete or unreadable checkpoints with a warning (when ``verbose``) and
+    falls back to the previous complete one.
+
+    Raises
+    ------
+    CheckpointError
+        An explicit directory that is not a complete, readable checkpoint (the message names
+        the file and the reason).
+    """
     if cfg.resume_from in (None, ""):
         return None
     if cfg.resume_from == "latest":
-        done = checkpoints(cfg.output_dir)
-        return done[-1] if done else None
+        for path in reversed(_step_directories(cfg.output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            if verbose:
+                warnings.warn(f"resume_from=latest: skipping {path}: {problem}", RuntimeWarning,
+                              stacklevel=2)
+        return None
     path = Path(cfg.resume_from)
-    if not (path / "train_state.json").exists():
-        raise FileNotFoundError(f"resume_from={cfg.resume_from!r} is not a complete checkpoint")
+    if not path.is_dir():
+        raise CheckpointError(f"resume_from={cfg.resume_from!r}: no such checkpoint directory")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"resume_from={cfg.resume_from!r} cannot be resumed: {problem}")
     return path
 
 
-class Metrics:
-    """Console lines, accelerate trackers and ``metrics.jsonl`` (main process only)."""
+def _set_aside_later_checkpoints(output_dir: str | os.PathLike, step: int) -> None:
+    """Checkpoints after ``step`` belong to a run this one replaces (started afresh, or resumed
+    from an earlier checkpoint); renamed ``superseded_step_<n>`` so that ``latest`` cannot pick
+    them, with a warning.  Incomplete ones are removed."""
+    for path in _step_directories(output_dir):
+        if int(path.name.split("_")[1]) <= step:
+            continue
+        if checkpoint_problem(path) is not None:
+            _discard(path)
+            continue
+        target, n = path.with_name(f"superseded_{path.name}"), 1
+        while target.exists():
+            target, n = path.with_name(f"superseded_{path.name}.{n}"), n + 1
+        os.replace(path, target)
+        _fsync_dir(path.parent)
+        warnings.warn(f"{path} is later than the step this run starts from ({step}): moved to "
+                      f"{target} so that --resume-from latest cannot pick it", RuntimeWarning,
+                      stacklevel=2)
 
-    def __init__(self, accelerator, cfg: RecipeConfig, progress) -> None:
+
+class Metrics:
+    """Console lines, accelerate trackers and ``metrics.jsonl`` (main process only).
+
+    Each line is appended with one write and an fsync (:func:`append_line`); ``lines`` counts
+    the lines in the file, recorded with each checkpoint so that a resume keeps exactly the
+    lines written before it.
+    """
+
+    def __init__(self, accelerator, cfg: RecipeConfig, progress, lines: int = 0) -> None:
         self.accelerator, self.cfg, self.progress = accelerator, cfg, progress
         self.path = Path(cfg.output_dir) / "metrics.jsonl"
         self.console = "console" in cfg.report_to or "all" in cfg.report_to
+        self.lines = lines
 
     @staticmethod
-    def truncate(path: Path, step: int) -> None:
-        """Keep the lines of steps up to ``step`` (a resumed run rewrites what follows)."""
-        if not path.exists():
-            return
-        lines = [x for x in path.read_text().splitlines() if json.loads(x)["step"] <= step]
-        path.write_text("".join(x + "\n" for x in lines))
+    def truncate(path: Path, step: int, lines: int | None = None) -> int:
+        """Keep the first ``lines`` lines (all when ``None``) whose step is at most ``step``
+        (a resumed run rewrites what follows); returns how many were kept.
 
-    def log(self, values: dict[str, float], step: int) -> None:
+        A partial or unreadable line (a kill mid-write) is dropped with a warning.  The file is
+        replaced atomically (:func:`atomic_write`), and only when something is dropped: a kill
+        at any moment leaves the old history or the new one.
+        """
+        if not path.exists():
+            return 0
+        text = path.read_text(encoding="utf-8", errors="replace")
+        raw = text.split("\n")
+        tail = raw.pop()  # "" when the file ends with a newline
+        if tail:
+            warnings.warn(f"{path}: dropping a partial last line (a write was interrupted): "
+                          f"{tail[:80]!r}", RuntimeWarning, stacklevel=2)
+        kept = []
+        for number, line in enumerate(raw, 1):
+            try:
+                record = json.loads(line)
+                line_step = int(record["step"])
+            except (ValueError, KeyError, TypeError):
+                warnings.warn(f"{path}:{number}: dropping an unreadable line: {line[:80]!r}",
+                              RuntimeWarning, stacklevel=2)
+                continue
+            if line_step <= step and (lines is None or len(kept) < lines):
+                kept.append(line)
+        if len(kept) != len(raw) or tail:
+            atomic_write(path, "".join(x + "\n" for x in kept))
+        return len(kept)
+
+    def log(self, values: dict[str, Any], step: int) -> None:
+        """One line of ``values`` at ``step``: trackers, ``metrics.jsonl`` and the console."""
         self.accelerator.log(values, step=step)
         if not self.accelerator.is_main_process:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps({"step": step, **values}) + "\n")
+        append_line(self.path, json.dumps({"step": step, **values}))
+        self.lines += 1
         if self.console:
             text = " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                             for k, v in values.items())
@@ -483,8 +1151,16 @@ class Metrics:
 
 
 def _engine(accelerator) -> str:
+    """``single``, ``ddp``, ``fsdp`` or ``deepspeed-zero<stage>``."""
     kind = str(accelerator.distributed_type).split(".")[-1].lower()
+    if kind == "deepspeed":
+        return f"deepspeed-zero{_zero_stage(accelerator)}"
     return {"no": "single", "multi_cpu": "ddp", "multi_gpu": "ddp"}.get(kind, kind)
+
+
+def _zero_stage(accelerator) -> int:
+    ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -496,6 +1172,14 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    resume = resume_directory(cfg, verbose=accelerator.is_main_process)
+    config_changes: dict[str, dict[str, Any]] = {}
+    if resume is not None:  # refuse a mismatch before anything is built or loaded
+        config_changes = check_resume_settings(resume, cfg, accelerator)
+        resumed_step = TrainState.load(resume).step
+        if cfg.stop_after is not None and cfg.stop_after <= resumed_step:
+            raise _bad("stop_after", cfg.stop_after, f"not after step {resumed_step} of {resume}"
+                       ", so nothing would run; raise it or drop it")
     with accelerator.main_process_first():  # rank 0 builds the caches, the others read them
         data = load_data(cfg)
     model = build_model(cfg, data.vocab_size)
@@ -505,6 +1189,8 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     if ds_plugin is not None:  # no prepared dataloader to fill DeepSpeed's "auto" batch size
         ds_plugin.deepspeed_config["train_micro_batch_size_per_gpu"] = cfg.batch_size
         ds_plugin.deepspeed_config["gradient_clipping"] = cfg.max_grad_norm
+        # ZeRO 1-3 would flatten the low-rank optimizers' matrices: say so before DeepSpeed runs
+        distributed.check_zero_stage(optimizer, _zero_stage(accelerator))
     # The scheduler is stepped here once per optimizer step (accelerate's prepared scheduler
     # would step num_processes times) and checkpointed through register_for_checkpointing.
     model, prepared_optimizer = accelerator.prepare(model, optimizer)
@@ -519,13 +1205,17 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
               f"{data.description}", flush=True)
 
     state = TrainState()
-    resume = resume_directory(cfg)
     if resume is not None:
-        accelerator.load_state(str(resume))
         state = TrainState.load(resume)
+        accelerator.load_state(str(resume))
         accelerator.print(f"[pretrain] resumed from {resume} at step {state.step}")
-    if accelerator.is_main_process:
-        Metrics.truncate(Path(cfg.output_dir) / "metrics.jsonl", state.step)
+    kept_lines = 0
+    if accelerator.is_main_process:  # history up to the checkpoint; later checkpoints set aside
+        _remove_stale_temporaries(Path(cfg.output_dir))
+        kept_lines = Metrics.truncate(Path(cfg.output_dir) / "metrics.jsonl", state.step,
+                                      state.metrics_lines)
+        _set_aside_later_checkpoints(cfg.output_dir, state.step)
+        _prune(cfg, state.step)  # what a kill during the last save left to do
 
     world, rank = accelerator.num_processes, accelerator.process_index
     micro, accum = cfg.batch_size, cfg.gradient_accumulation_steps
@@ -533,9 +1223,21 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     stop = min(cfg.max_steps, cfg.stop_after or cfg.max_steps)
     progress = tqdm(total=cfg.max_steps, initial=state.step, desc=cfg.optimizer,
                     disable=not (cfg.progress and accelerator.is_local_main_process))
-    metrics = Metrics(accelerator, cfg, progress if cfg.progress else None)
+    metrics = Metrics(accelerator, cfg, progress if cfg.progress else None, lines=kept_lines)
+    if config_changes and accelerator.is_main_process:
+        append_line(metrics.path, json.dumps({"step": state.step, "resumed_from": str(resume),
+                                              "config_changes": config_changes}))
+        metrics.lines += 1
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum, since_log = torch.zeros((), device=accelerator.device), 0
+    if state.loss_sums is not None and state.since_log:  # the log interval the checkpoint cut
+        if len(state.loss_sums) == world:
+            loss_sum += state.loss_sums[rank]
+            since_log = state.since_log
+        else:
+            accelerator.print(f"[pretrain] warning: {state.since_log} step(s) of train loss "
+                              f"since the last log line were saved by {len(state.loss_sums)} "
+                              f"processes, not {world}: the next loss line leaves them out")
     first_loss = last_loss = None
     train_seconds, tokens_this_run, start_step = 0.0, 0, state.step
     val_loss = None
@@ -569,7 +1271,8 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
         train_seconds += time.perf_counter() - t0
         progress.update(1)
 
-        if state.step % cfg.log_every == 0 or state.step == stop:
+        # not at stop_after: its checkpoint carries the interval on, as an uninterrupted run
+        if state.step % cfg.log_every == 0 or state.step == cfg.max_steps:
             mean_loss = accelerator.reduce(loss_sum, "mean").item() / since_log
             loss_sum.zero_()
             since_log = 0
@@ -581,9 +1284,11 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
         if cfg.eval_every and state.step % cfg.eval_every == 0 and state.step < cfg.max_steps:
             val_loss = validate()
         if cfg.check_sync_every and state.step % cfg.check_sync_every == 0 and _engine(
-                accelerator) == "ddp":
+                accelerator) in ("ddp", "deepspeed-zero0"):  # replicated parameters
             distributed.check_in_sync(model, optimizer)
         if cfg.save_every and state.step % cfg.save_every == 0 or state.step == cfg.stop_after:
+            state.metrics_lines, state.since_log = metrics.lines, since_log
+            state.loss_sums = accelerator.gather(loss_sum.reshape(1)).tolist()
             save_checkpoint(accelerator, state, cfg)
     progress.close()
 
@@ -599,11 +1304,13 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
         "state_bytes": sb.total, "state_bytes_per_param": sb.bytes_per_param,
         "tokens_per_s": tokens_this_run / max(train_seconds, 1e-9),
         "train_steps_this_run": state.step - start_step, "data": data.description,
+        "resumed_from": None if resume is None else str(resume),
+        "config_changes": config_changes,
     }
     if cfg.save_final_model and finished:
         accelerator.save_model(model, str(Path(cfg.output_dir) / "final"))
     if accelerator.is_main_process:
-        (Path(cfg.output_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic_write(Path(cfg.output_dir) / "summary.json", json.dumps(summary, indent=1))
         print(f"[pretrain] {summary_line(summary)}", flush=True)
     per_rank = {
         "rank": rank, "step": state.step, "last_loss": last_loss, "val_loss": val_loss,
@@ -612,7 +1319,7 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     }
     accelerator.wait_for_everyone()
     accelerator.end_training()
-    (Path(cfg.output_dir) / f"rank{rank}.json").write_text(json.dumps(per_rank))
+    atomic_write(Path(cfg.output_dir) / f"rank{rank}.json", json.dumps(per_rank))
     return summary
 
 
@@ -640,8 +1347,22 @@ def format_table(summaries: list[dict[str, Any]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    """Parse ``argv`` (default: ``sys.argv[1:]``) and run the recipe; returns the summary."""
     return train(parse_args(argv))
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: :func:`main`, with a :class:`RecipeError` (a bad setting or
+    checkpoint) printed as ``pretrain.py: error: ...`` and exit status 2, as argparse does."""
+    try:
+        main(argv)
+    except RecipeError as e:
+        print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr, flush=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())
