@@ -82,6 +82,11 @@ def _held_bytes(t: torch.Tensor) -> int:
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> StateBytes:
     """Bytes of ``optimizer``'s state by category (moments / projectors / indices / other)."""
+    if not isinstance(getattr(optimizer, "state", None), dict) or not hasattr(
+            optimizer, "param_groups"):
+        raise TypeError(f"state_bytes needs an optimizer (with .state and .param_groups), got "
+                        f"{type(optimizer).__name__}; for a model, profile it with "
+                        "lowrank_optim.profile or build the optimizer first.")
     counts = dict.fromkeys(CATEGORIES, 0)
     seen: set[tuple[str, int]] = set()
     for state in optimizer.state.values():

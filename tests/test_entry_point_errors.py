@@ -103,7 +103,26 @@ def test_create_optimizer_refuses_bad_settings(name, kw, needle):
      r"weights are frozen \(requires_grad=False\)"),
     (lambda m: lo.create_optimizer(m, "galore_adamw", rank=10_000),
      r"rank=10000 exceeds min\(m, n\)"),
+    (lambda m: lo.create_optimizer(m, "galore_adamw", rank=8, correct_bias="no"),
+     r"correct_bias='no'"),
 ])
 def test_entry_points_name_the_wrong_argument(call, needle):
     with pytest.raises(ValueError, match=needle):
         call(tiny_llama())
+
+
+@pytest.mark.parametrize(("call", "needle"), [
+    (lambda m: lo.GaLoreAdamW(m), r"got the model .*param_groups\(model"),
+    (lambda m: lo.memory.state_bytes(m), r"needs an optimizer .* got LlamaForCausalLM"),
+])
+def test_type_errors_say_what_to_pass(call, needle):
+    with pytest.raises(TypeError, match=needle):
+        call(tiny_llama())
+
+
+def test_request_refresh_takes_one_tensor_too():
+    opt = lo.create_optimizer(tiny_llama(), "galore_adamw", rank=8)
+    _, param, _ = opt.projected_params()[0]
+    opt.request_refresh(param)
+    assert [p for p in opt.state] == [param] and "refresh_requested" in opt.state[param]
+

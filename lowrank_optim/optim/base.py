@@ -62,6 +62,11 @@ class LowRankOptimizer(torch.optim.Optimizer):
         nonfinite: str = "raise",
     ) -> None:
         check_choice("nonfinite", nonfinite, NONFINITE_MODES)
+        if isinstance(params, torch.nn.Module):
+            raise TypeError(
+                f"{type(self).__name__} got the model ({type(params).__name__}); pass its "
+                "param groups, e.g. lowrank_optim.param_groups(model, rank=...), or build the "
+                "optimizer with lowrank_optim.create_optimizer(model, name, ...).")
         self.rule = rule
         self.projector = projector
         self.nonfinite = nonfinite
@@ -203,6 +208,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
     # -- public API for schedules and callbacks --------------------------------------------
     def request_refresh(self, params: Iterable[torch.Tensor] | None = None) -> None:
         """Recompute the subspace of ``params`` (default: every projected one) at its next step."""
+        if isinstance(params, torch.Tensor):
+            params = [params]
         wanted = None if params is None else {id(p) for p in params}
         for group in self.param_groups:
             for p in group["params"]:

@@ -53,6 +53,9 @@ class Adam(Rule):
         check_nonneg("eps", group["eps"])
         check_nonneg("weight_decay", group["weight_decay"])
         check_choice("formula", group["formula"], FORMULAS)
+        if not isinstance(group["correct_bias"], bool):
+            raise ValueError(f"Invalid correct_bias={group['correct_bias']!r}: pass True or "
+                             "False.")
         quantization.check_settings(group)
 
     @staticmethod
