@@ -140,7 +140,7 @@ def model_config(model: str | os.PathLike):
 
     try:
         config = AutoConfig.from_pretrained(str(path.parent) if path.name == "config.json"
-                                            else str(path))
+                                            else str(path), trust_remote_code=False)
     except (OSError, ValueError, KeyError) as e:
         raise ValueError(f"model config {str(path)!r} could not be read: "
                          f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e

@@ -24,10 +24,12 @@ digests of parameters and subspaces, written last: a success marker), ``checkpoi
 from __future__ import annotations
 
 import argparse
+import base64
 import dataclasses
 import json
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -46,7 +48,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # `corpus` next 
 import corpus  # noqa: E402
 
 import lowrank_optim as lo  # noqa: E402
-from lowrank_optim import distributed  # noqa: E402
+from lowrank_optim import distributed, safe_load  # noqa: E402
 from lowrank_optim.model_configs import LLAMA_SHAPES, build_llama  # noqa: E402
 from lowrank_optim.registry import BASELINES, MODEL_BUILDERS  # noqa: E402
 
@@ -60,7 +62,8 @@ class RecipeError(ValueError):
 
 
 class CheckpointError(RecipeError):
-    """A checkpoint that is incomplete, unreadable, or saved with other settings."""
+    """A checkpoint that is incomplete, unreadable, unsafe to load, or saved with other
+    settings."""
 
 
 @dataclass
@@ -120,6 +123,7 @@ class RecipeConfig:
     keep_checkpoints: int = 2
     resume_from: str | None = None  # a checkpoint directory, or "latest" in output_dir
     allow_config_change: bool = False  # resume although structural settings differ (logged)
+    allow_inexact_resume: bool = False  # resume although RNG states are missing/unreadable
     stop_after: int | None = None  # stop (with a checkpoint) after this step: an interruption
     save_final_model: bool = False
     check_sync_every: int = 0  # DDP: check every N steps that ranks hold identical replicas
@@ -796,6 +800,12 @@ def _remove_stale_temporaries(directory: Path) -> None:
 # -- checkpoints --------------------------------------------------------------------------------
 STATE_FILE = "train_state.json"  # written last: marks a checkpoint complete
 SETTINGS_FILE = "recipe_settings.json"  # the settings the checkpoint was trained with
+SCHEDULER_FILE = "scheduler.json"  # the learning-rate schedule's state_dict
+RNG_FILE = "rng_state_{}.json"  # per process: python, numpy, torch (CPU, CUDA) generators
+#: files accelerate writes for objects the recipe no longer hands it: accelerate unpickles
+#: ``custom_checkpoint_<i>.pkl`` with weights_only=False, and drops an unreadable
+#: ``random_states_<i>.pkl`` silently; the recipe never lets accelerate read either
+ACCELERATE_PICKLES = re.compile(r"(custom_checkpoint|random_states)_\d+\.pkl")
 
 #: settings that may change between a checkpoint and its resume: they do not change what is
 #: trained (outputs, logging, evaluation, launch); every other one is checked at resume
@@ -803,8 +813,9 @@ RESUME_FREE_SETTINGS = frozenset({
     "optimizer_overrides",  # already merged into the fields it overrides
     "refresh_sync", "cache_dir", "hf_val_split", "eval_every", "eval_samples", "log_every",
     "report_to", "project", "run_name", "output_dir", "save_every", "keep_checkpoints",
-    "resume_from", "allow_config_change", "stop_after", "save_final_model", "check_sync_every",
-    "progress", "mixed_precision",  # compared as resolved by the accelerator (below)
+    "resume_from", "allow_config_change", "allow_inexact_resume", "stop_after",
+    "save_final_model", "check_sync_every", "progress",
+    "mixed_precision",  # compared as resolved by the accelerator (below)
 })
 
 
@@ -991,9 +1002,200 @@ def check_resume_settings(directory: Path, cfg: RecipeConfig,
     return changes
 
 
-def save_checkpoint(accelerator, state: TrainState, cfg: RecipeConfig) -> Path:
-    """``accelerator.save_state`` (model, optimizer, scheduler, RNG of every process) plus the
-    settings and the data position; older checkpoints beyond ``keep_checkpoints`` are removed.
+# -- resume state the recipe saves itself (JSON; nothing of it is unpickled) -----------------
+def rng_state(accelerator) -> dict[str, Any]:
+    """This process's random generators as JSON-ready data: python ``random``, numpy's global
+    generator, torch's CPU generator, every CUDA device's (when CUDA is available), and
+    accelerate's micro-step counter (which accelerate used to keep with its RNG file)."""
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 - the global one
+
+    def encode(t: torch.Tensor) -> str:
+        return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+        "torch": encode(torch.get_rng_state()),
+        "cuda": ([encode(t) for t in torch.cuda.get_rng_state_all()]
+                 if torch.cuda.is_available() else []),
+        "accelerate_step": int(accelerator.step),
+    }
+
+
+def _decode_rng(data: Any) -> dict[str, Any]:
+    """:func:`rng_state`'s data as generator states, each checked on a scratch generator (the
+    global ones are untouched).
+
+    Raises
+    ------
+    ValueError
+        Missing keys, wrong types or sizes; the message says which.
+    """
+    import numpy as np
+
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object")
+    missing = sorted({"python", "numpy", "torch", "cuda", "accelerate_step"} - set(data))
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+    try:
+        version, internal, gauss = data["python"]
+        python = (int(version), tuple(int(x) for x in internal),
+                  None if gauss is None else float(gauss))
+        random.Random().setstate(python)
+        name, keys, pos, has_gauss, cached = data["numpy"]
+        numpy_state = (str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss),
+                       float(cached))
+        np.random.RandomState().set_state(numpy_state)
+
+        def decode(text: str) -> torch.Tensor:
+            return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)),
+                                    dtype=torch.uint8).clone()
+
+        cpu = decode(data["torch"])
+        torch.Generator().set_state(cpu)
+        cuda = [decode(t) for t in data["cuda"]]
+        step = int(data["accelerate_step"])
+    except (TypeError, ValueError, RuntimeError, OverflowError, IndexError, KeyError) as e:
+        raise ValueError(f"not a valid generator state ({str(e).splitlines()[0][:200]})"
+                         ) from None
+    if torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            raise ValueError(f"{len(cuda)} CUDA generator states for "
+                             f"{torch.cuda.device_count()} devices")
+        sizes = [t.numel() for t in torch.cuda.get_rng_state_all()]
+        if [t.numel() for t in cuda] != sizes:
+            raise ValueError("CUDA generator states of the wrong size")
+    return {"python": python, "numpy": numpy_state, "cpu": cpu, "cuda": cuda, "step": step}
+
+
+@dataclass
+class ResumeParts:
+    """What :func:`verify_checkpoint` read from a checkpoint for this process, before anything
+    was loaded: the scheduler's state, this process's generator states (``None`` when they
+    could not be read and ``allow_inexact_resume`` accepted that), and what was accepted."""
+
+    scheduler: dict[str, Any]
+    rng: dict[str, Any] | None
+    inexact: list[str]
+
+
+def verify_checkpoint(directory: Path, cfg: RecipeConfig, accelerator) -> ResumeParts:
+    """Check every file of ``directory`` before accelerate or an engine loads any of it.
+
+    * Pickle-based files (``optimizer.bin``, DeepSpeed's ``*_states.pt``, FSDP2's ``.metadata``
+      and non-tensor items) must load with ``torch.load(weights_only=True)`` or a restricted
+      unpickler (:mod:`lowrank_optim.safe_load`); ``model.safetensors`` must read as
+      safetensors, the JSON files as JSON.
+    * ``custom_checkpoint_<i>.pkl`` / ``random_states_<i>.pkl`` (accelerate's pickles, written
+      by recipe versions before issue 19) are refused: the recipe never lets accelerate read
+      them.
+    * ``scheduler.json`` and every process's ``rng_state_<i>.json`` are read and checked here.
+      An RNG file that is missing or unreadable fails the resume too, unless
+      ``allow_inexact_resume``: then the run continues with this run's seeded generators, is no
+      longer bit-exact, and says so (console, ``metrics.jsonl``, ``summary.json``).
+
+    Every process checks every file, so all reach the same decision.
+
+    Raises
+    ------
+    CheckpointError
+        A file is missing, truncated, unreadable or refused as unsafe; the message names the
+        file and the reason.
+    """
+    directory = Path(directory)
+    for path in sorted(directory.rglob("*.pkl")):
+        if ACCELERATE_PICKLES.fullmatch(path.name):
+            raise CheckpointError(
+                f"{path}: refused: accelerate would unpickle this file (custom_checkpoint_*.pkl "
+                "with weights_only=False), or drop it silently when unreadable "
+                "(random_states_*.pkl); this recipe saves the scheduler and the RNG states as "
+                f"{SCHEDULER_FILE} and {RNG_FILE.format('<i>')} instead, so the checkpoint was "
+                "written by an older recipe version or the file was planted")
+    engine_files = {"deepspeed": safe_load.DEEPSPEED_GLOBALS}.get(
+        _engine(accelerator).partition("-")[0], ())
+    try:
+        safe_load.check_directory(directory, torch_globals=engine_files, skip={
+            p.name for p in directory.glob(RNG_FILE.format("*"))})  # read below, allowance
+    except safe_load.UnsafeFileError as e:
+        raise CheckpointError(f"cannot resume from {directory}: {e}") from None
+    path = directory / SCHEDULER_FILE
+    try:
+        scheduler = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: the learning-rate schedule cannot be "
+                              "restored") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable: {e}") from None
+    if not isinstance(scheduler, dict) or not isinstance(scheduler.get("last_epoch"), int):
+        raise CheckpointError(f"{path} is unreadable: expected a scheduler state_dict with "
+                              "'last_epoch'")
+    inexact, mine = [], None
+    for rank in range(accelerator.num_processes):
+        path = directory / RNG_FILE.format(rank)
+        try:
+            rng = _decode_rng(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            inexact.append(f"{path} is missing: process {rank}'s random generators cannot be "
+                           "restored")
+            continue
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+            inexact.append(f"{path} is unreadable ({e}): process {rank}'s random generators "
+                           "cannot be restored")
+            continue
+        if rank == accelerator.process_index:
+            mine = rng
+    if inexact and not cfg.allow_inexact_resume:
+        raise CheckpointError(
+            f"cannot resume exactly from {directory}:\n  " + "\n  ".join(inexact) + "\n"
+            "Pass --allow-inexact-resume true to continue with freshly seeded generators (the "
+            "run is then no longer bit-exact; logged to metrics.jsonl and summary.json).")
+    if inexact and accelerator.is_main_process:
+        print(f"[pretrain] warning: inexact resume from {directory} (--allow-inexact-resume "
+              "true), the run is no longer bit-exact:\n  " + "\n  ".join(inexact),
+              file=sys.stderr, flush=True)
+    return ResumeParts(scheduler, mine, inexact)
+
+
+def restore_parts(parts: ResumeParts, scheduler: Any, accelerator) -> None:
+    """Load what :func:`verify_checkpoint` read: the scheduler's state and this process's
+    generators (after ``accelerator.load_state``, where accelerate restored them before)."""
+    import numpy as np
+
+    scheduler.load_state_dict(parts.scheduler)
+    if parts.rng is None:
+        return
+    random.setstate(parts.rng["python"])
+    np.random.set_state(parts.rng["numpy"])  # noqa: NPY002 - the global generator
+    torch.set_rng_state(parts.rng["cpu"])
+    if parts.rng["cuda"]:
+        torch.cuda.set_rng_state_all(parts.rng["cuda"])
+    accelerator.step = parts.rng["step"]
+
+
+def _save_parts(directory: Path, scheduler: Any, accelerator) -> None:
+    """Each process: its generators as ``rng_state_<i>.json`` (accelerate's pickle of them is
+    removed); the main process: ``scheduler.json``.
+
+    Plain writes, like accelerate's files: they are fsynced with the others before
+    ``train_state.json``, which marks the checkpoint complete, is written.
+    """
+    (directory / f"random_states_{accelerator.process_index}.pkl").unlink(missing_ok=True)
+    (directory / RNG_FILE.format(accelerator.process_index)).write_text(
+        json.dumps(rng_state(accelerator)), encoding="utf-8")
+    if accelerator.is_main_process:
+        (directory / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()),
+                                                encoding="utf-8")
+
+
+def save_checkpoint(accelerator, state: TrainState, cfg: RecipeConfig,
+                    scheduler: Any) -> Path:
+    """``accelerator.save_state`` (model as safetensors, optimizer) plus, written by the recipe
+    as JSON, the scheduler, the RNG states of every process, the settings and the data
+    position; older checkpoints beyond ``keep_checkpoints`` are removed.
 
     Crash safety: the files are fsynced, the settings and then ``train_state.json`` (the
     completion marker, listing every file and its size) are written atomically, and a
@@ -1008,6 +1210,7 @@ def save_checkpoint(accelerator, state: TrainState, cfg: RecipeConfig) -> Path:
             _discard(directory)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(directory))
+    _save_parts(directory, scheduler, accelerator)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _fault_point("checkpoint-state")
@@ -1174,8 +1377,10 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     resume = resume_directory(cfg, verbose=accelerator.is_main_process)
     config_changes: dict[str, dict[str, Any]] = {}
-    if resume is not None:  # refuse a mismatch before anything is built or loaded
+    parts = None
+    if resume is not None:  # refuse a mismatch or an unsafe file before anything is loaded
         config_changes = check_resume_settings(resume, cfg, accelerator)
+        parts = verify_checkpoint(resume, cfg, accelerator)
         resumed_step = TrainState.load(resume).step
         if cfg.stop_after is not None and cfg.stop_after <= resumed_step:
             raise _bad("stop_after", cfg.stop_after, f"not after step {resumed_step} of {resume}"
@@ -1192,9 +1397,9 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
         # ZeRO 1-3 would flatten the low-rank optimizers' matrices: say so before DeepSpeed runs
         distributed.check_zero_stage(optimizer, _zero_stage(accelerator))
     # The scheduler is stepped here once per optimizer step (accelerate's prepared scheduler
-    # would step num_processes times) and checkpointed through register_for_checkpointing.
+    # would step num_processes times) and checkpointed by the recipe as JSON: registered with
+    # accelerate, it would be unpickled with weights_only=False at resume.
     model, prepared_optimizer = accelerator.prepare(model, optimizer)
-    accelerator.register_for_checkpointing(scheduler)
     if accelerator.is_main_process and set(cfg.report_to) & {"tensorboard", "wandb", "all"}:
         accelerator.init_trackers(cfg.project, config=_flat_config(cfg),
                                   init_kwargs={"wandb": {"name": cfg.run_name}}
@@ -1207,8 +1412,11 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     state = TrainState()
     if resume is not None:
         state = TrainState.load(resume)
-        accelerator.load_state(str(resume))
-        accelerator.print(f"[pretrain] resumed from {resume} at step {state.step}")
+        accelerator.load_state(str(resume))  # every file verified by verify_checkpoint
+        restore_parts(parts, scheduler, accelerator)
+        accelerator.print(f"[pretrain] resumed from {resume} at step {state.step}"
+                          + (" (inexact: random generators not restored)" if parts.inexact
+                             else ""))
     kept_lines = 0
     if accelerator.is_main_process:  # history up to the checkpoint; later checkpoints set aside
         _remove_stale_temporaries(Path(cfg.output_dir))
@@ -1227,6 +1435,11 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
     if config_changes and accelerator.is_main_process:
         append_line(metrics.path, json.dumps({"step": state.step, "resumed_from": str(resume),
                                               "config_changes": config_changes}))
+        metrics.lines += 1
+    inexact = parts.inexact if parts is not None else []
+    if inexact and accelerator.is_main_process:
+        append_line(metrics.path, json.dumps({"step": state.step, "resumed_from": str(resume),
+                                              "inexact_resume": inexact}))
         metrics.lines += 1
     params = [p for p in model.parameters() if p.requires_grad]
     loss_sum, since_log = torch.zeros((), device=accelerator.device), 0
@@ -1289,7 +1502,7 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
         if cfg.save_every and state.step % cfg.save_every == 0 or state.step == cfg.stop_after:
             state.metrics_lines, state.since_log = metrics.lines, since_log
             state.loss_sums = accelerator.gather(loss_sum.reshape(1)).tolist()
-            save_checkpoint(accelerator, state, cfg)
+            save_checkpoint(accelerator, state, cfg, scheduler)
     progress.close()
 
     finished = state.step >= cfg.max_steps
@@ -1305,7 +1518,7 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
         "tokens_per_s": tokens_this_run / max(train_seconds, 1e-9),
         "train_steps_this_run": state.step - start_step, "data": data.description,
         "resumed_from": None if resume is None else str(resume),
-        "config_changes": config_changes,
+        "config_changes": config_changes, "inexact_resume": inexact,
     }
     if cfg.save_final_model and finished:
         accelerator.save_model(model, str(Path(cfg.output_dir) / "final"))

@@ -5,7 +5,8 @@ growing and adaptive schedules), :class:`OptimizerMemoryCallback` (state bytes a
 memory), :class:`SubspaceStatsCallback` (captured gradient energy and overlap per layer type),
 :class:`LayerwiseCallback` (layer-wise updates).  Helpers: :func:`attach`,
 :func:`lowrank_trainer_kwargs` and :class:`LowRankOptimizerFactory` for
-``optimizer_cls_and_kwargs``.
+``optimizer_cls_and_kwargs``; :func:`verify_checkpoint` checks a checkpoint's files before a
+resume loads them.
 """
 
 from trainer_callbacks.helpers import LowRankOptimizerFactory, attach, lowrank_trainer_kwargs
@@ -19,6 +20,7 @@ from trainer_callbacks.refresh import (
     WarmupGap,
     make_schedule,
 )
+from trainer_callbacks.safety import verify_checkpoint
 from trainer_callbacks.stats import SubspaceStatsCallback
 
 __all__ = [
@@ -35,4 +37,5 @@ __all__ = [
     "lowrank_trainer_kwargs",
     "make_schedule",
     "peak_memory",
+    "verify_checkpoint",
 ]
