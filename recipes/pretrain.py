@@ -819,6 +819,17 @@ RESUME_FREE_SETTINGS = frozenset({
 })
 
 
+def read_checkpoint_json(path: Path, missing: str) -> Any:
+    """The JSON in checkpoint file ``path``; a :class:`CheckpointError` naming the file when
+    it is missing (``missing`` says what that means) or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {missing}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable: {e}") from None
+
+
 @dataclass
 class TrainState:
     """The data position and counters, saved as ``train_state.json`` with each checkpoint
@@ -846,13 +857,8 @@ class TrainState:
             The file is missing or unreadable; the message names it and the reason.
         """
         path = Path(directory) / STATE_FILE
-        try:
-            data = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            raise CheckpointError(f"{path} is missing: the checkpoint is incomplete (its save "
-                                  "was interrupted)") from None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path} is unreadable: {e}") from None
+        data = read_checkpoint_json(path, "the checkpoint is incomplete (its save was "
+                                          "interrupted)")
         if not isinstance(data, dict) or not isinstance(data.get("step"), int):
             raise CheckpointError(f"{path} is unreadable: expected an object with a 'step'")
         known = {f.name for f in dataclasses.fields(cls)}
@@ -1123,13 +1129,7 @@ def verify_checkpoint(directory: Path, cfg: RecipeConfig, accelerator) -> Resume
     except safe_load.UnsafeFileError as e:
         raise CheckpointError(f"cannot resume from {directory}: {e}") from None
     path = directory / SCHEDULER_FILE
-    try:
-        scheduler = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is missing: the learning-rate schedule cannot be "
-                              "restored") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path} is unreadable: {e}") from None
+    scheduler = read_checkpoint_json(path, "the learning-rate schedule cannot be restored")
     if not isinstance(scheduler, dict) or not isinstance(scheduler.get("last_epoch"), int):
         raise CheckpointError(f"{path} is unreadable: expected a scheduler state_dict with "
                               "'last_epoch'")
