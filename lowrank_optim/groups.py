@@ -71,6 +71,13 @@ def select_linear_weights(
     return selected, ignored
 
 
+def _min_side(p: nn.Parameter) -> int:
+    """``min(m, n)`` of a weight's full shape: ZeRO-3 partitioned weights (deepspeed.zero.Init)
+    are empty 1-D slices with the full shape in ``ds_shape``, so that the optimizer's layout
+    check names them instead of "rank exceeds 0"."""
+    return min(getattr(p, "ds_shape", p.shape))
+
+
 def embedding_param_ids(model: nn.Module) -> set[int]:
     """``id`` of every ``nn.Embedding`` weight of ``model`` (a tied output head included)."""
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -168,15 +175,12 @@ def param_groups(
                          "the model itself (param groups are built from its modules).")
     check_int_at_least("rank", rank, 1)
     selected, ignored = select_linear_weights(model, target_modules)
-    # ZeRO-3 partitioned weights (deepspeed.zero.Init) are empty 1-D slices: judge them by their
-    # full shape, so that the optimizer's layout check names them instead of "rank exceeds 0"
-    too_small = [(n, p) for n, p in selected if min(getattr(p, "ds_shape", p.shape)) < rank]
-    selected = [(n, p) for n, p in selected if min(getattr(p, "ds_shape", p.shape)) >= rank]
+    too_small = [(n, p) for n, p in selected if _min_side(p) < rank]
+    selected = [(n, p) for n, p in selected if _min_side(p) >= rank]
     if not selected and too_small:
         raise ValueError(
             f"rank={rank} exceeds min(m, n) of every targeted weight (largest min dimension "
-            f"{max(min(getattr(p, 'ds_shape', p.shape)) for _, p in too_small)}); choose a "
-            "smaller rank."
+            f"{max(_min_side(p) for _, p in too_small)}); choose a smaller rank."
         )
     if not selected:
         _explain_no_selection(model, target_modules)

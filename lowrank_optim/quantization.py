@@ -180,6 +180,13 @@ def num_blocks(numel: int, block_size: int) -> int:
     return math.ceil(numel / block_size)
 
 
+def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
+    """``x`` flattened to fp32 and zero-padded to ``(num_blocks, block_size)``."""
+    flat = x.reshape(-1).float()
+    pad = num_blocks(flat.numel(), block_size) * block_size - flat.numel()
+    return (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, block_size)
+
+
 def quantize(
     x: torch.Tensor, block_size: int = 256, code: str = "dynamic", signed: bool = True,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
@@ -196,11 +203,8 @@ def quantize(
         ``(codes, absmax)`` to write into in place (e.g. an optimizer's state); returned.
     """
     table(code, signed)  # validates the name
-    flat = x.reshape(-1).float()
-    n = flat.numel()
-    blocks = num_blocks(n, block_size)
-    pad = blocks * block_size - n
-    padded = (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(blocks, block_size)
+    n = x.numel()
+    padded = _blocks(x, block_size)
     low, high = torch.aminmax(padded, dim=1)
     absmax = torch.maximum(high, low.neg_())
     normed = padded / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
@@ -259,11 +263,8 @@ def adam_direction_bounds(
     extremes over the box are at its corners.
     """
     def per_element(x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1).float()
-        blocks = num_blocks(flat.numel(), block_size)
-        padded = torch.nn.functional.pad(flat, (0, blocks * block_size - flat.numel()))
-        absmax = padded.view(blocks, block_size).abs().amax(1)
-        return absmax.repeat_interleave(block_size)[: flat.numel()].view(x.shape)
+        absmax = _blocks(x, block_size).abs().amax(1)  # the scale quantize() stores
+        return absmax.repeat_interleave(block_size)[: x.numel()].view(x.shape)
 
     m, v, grad = m.float(), v.float(), grad.float()
     absmax_v = per_element(v)

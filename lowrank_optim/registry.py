@@ -144,8 +144,6 @@ def create_optimizer(
         check_model_not_partitioned(model, key)  # DeepSpeed ZeRO-3 (zero.Init) slices
         return MODEL_BUILDERS[key](model, target_modules=target_modules, rank=rank,
                                    embedding_bits=embedding_bits, **optimizer_kwargs)
-    if key not in OPTIMIZERS:
-        raise ValueError(f"Unknown optimizer name={name!r}; choose one of {available()}.")
     proj = {**GALORE_PROJECTION_DEFAULTS, **PROJECTION_DEFAULTS_BY_NAME.get(key, {})}
     if update_proj_gap is not UNSET:
         proj["update_proj_gap"] = update_proj_gap

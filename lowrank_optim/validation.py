@@ -70,12 +70,12 @@ def check_beta(name: str, beta: float | None, *, allow_none: bool = True) -> Non
 
 
 def check_nonneg(name: str, value: float) -> None:
-    if value is None or not math.isfinite(as_real(name, value)) or float(value) < 0.0:
+    if value is None or not math.isfinite(number := as_real(name, value)) or number < 0.0:
         raise ValueError(f"Invalid {name}={value!r}: must be a finite number >= 0.")
 
 
 def check_positive(name: str, value: float) -> None:
-    if value is None or not math.isfinite(as_real(name, value)) or float(value) <= 0.0:
+    if value is None or not math.isfinite(number := as_real(name, value)) or number <= 0.0:
         raise ValueError(f"Invalid {name}={value!r}: must be a finite number > 0.")
 
 
@@ -94,7 +94,7 @@ def param_label(group: dict, index: int, param: torch.Tensor) -> str:
     """Human-readable name of ``group['params'][index]`` for error messages."""
     names = group.get("param_names")
     name = names[index] if names and index < len(names) else f"param {index} of its group"
-    return f"{name} (shape {tuple(param.shape)}, {str(param.dtype).replace('torch.', '')})"
+    return f"{name} (shape {tuple(param.shape)}, {_dtype(param)})"
 
 
 def check_param(param: torch.Tensor, label: str) -> None:

@@ -309,12 +309,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def structure(self) -> dict[str, Any]:
         """What a saved state must agree with to load: class, rule, projector and, per group,
         the rule's and projector's ``structure_keys`` (rank, proj_type, bits ...)."""
-        keys = {**self.projector.structure_keys, **self.rule.structure_keys}
         return {
             "optimizer": type(self).__name__, "rule": self.rule.name,
-            "projector": self.projector.name,
-            "groups": [{k: g.get(k, d) for k, d in keys.items()} for g in self.param_groups],
+            "projector": self.projector.name, "groups": self._group_structure(self.param_groups),
         }
+
+    def _group_structure(self, groups: list[dict]) -> list[dict[str, Any]]:
+        """The rule's and projector's ``structure_keys`` of each group, defaults filled in."""
+        keys = {**self.projector.structure_keys, **self.rule.structure_keys}
+        return [{k: g.get(k, d) for k, d in keys.items()} for g in groups]
 
     def state_dict(self) -> dict[str, Any]:
         """torch's ``state_dict`` plus a :meth:`structure` entry (strings and numbers only, so
@@ -323,18 +326,16 @@ class LowRankOptimizer(torch.optim.Optimizer):
         sd[self.STRUCTURE_KEY] = self.structure()
         return sd
 
-    def _structure_differences(self, state_dict: dict[str, Any]) -> list[str]:
-        """Human-readable differences between ``state_dict``'s structure and this optimizer's."""
-        mine = self.structure()
+    def _structure_differences(self, state_dict: dict[str, Any],
+                               mine: dict[str, Any]) -> list[str]:
+        """Human-readable differences between ``state_dict``'s structure and ``mine``."""
         saved = state_dict.get(self.STRUCTURE_KEY)
         saved_groups = state_dict.get("param_groups", [])
         if saved is None:  # saved by another optimizer, or before structures were recorded
             if not saved_groups or any("rank" not in g for g in saved_groups):
                 return ["the state was not saved by a lowrank_optim optimizer (its param groups "
                         "have no 'rank' key; e.g. torch.optim.AdamW's state)"]
-            keys = {**self.projector.structure_keys, **self.rule.structure_keys}
-            saved = {**mine, "groups": [{k: g.get(k, d) for k, d in keys.items()}
-                                        for g in saved_groups]}
+            saved = {**mine, "groups": self._group_structure(saved_groups)}
         out = [f"{what}: saved {saved.get(what)!r}, this optimizer {mine[what]!r}"
                for what in ("optimizer", "rule", "projector") if saved.get(what) != mine[what]]
         if len(saved["groups"]) != len(mine["groups"]):
@@ -362,7 +363,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         (and integer indices would become floats); our state keeps its own dtypes, so after
         the regular load each tensor is put back with its saved dtype and resume is bit-exact.
         """
-        differences = self._structure_differences(state_dict)
+        mine = self.structure()
+        differences = self._structure_differences(state_dict, mine)
         reproject = reproject or self.reproject_on_load
         if differences and not reproject:
             raise ValueError(
@@ -377,7 +379,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
             self._warn_reprojected(differences)
             return
         sd = {k: v for k, v in state_dict.items() if k != self.STRUCTURE_KEY}
-        mine = self.structure()
         before = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         super().load_state_dict(sd)
         saved_ids = [i for g in sd["param_groups"] for i in g["params"]]
