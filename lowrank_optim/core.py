@@ -8,6 +8,8 @@ projection, so a group without ``rank`` is plain AdamW / Adafactor with the same
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from lowrank_optim import kernels
@@ -31,6 +33,18 @@ def refresh_due(projector: Projector, state: dict, group: dict, step: int) -> bo
     return bool(gap) and step % gap == 0
 
 
+#: ``refresher(projector, grad, state, group, rule)``: how a due refresh is computed
+Refresher = Callable[[Projector, torch.Tensor, dict, dict, Rule], "torch.Tensor | None"]
+
+
+def local_refresh(projector: Projector, grad: torch.Tensor, state: dict, group: dict,
+                  rule: Rule) -> torch.Tensor | None:
+    """The default :data:`Refresher`: the projector refreshes from ``grad`` on this process
+    (:func:`lowrank_optim.distributed.broadcast_refreshes` swaps in one that computes it on
+    one rank and sends it to the others)."""
+    return projector.refresh(grad, state, group, rule)
+
+
 #: parameter dtypes whose step runs in fp32 (gradient, subspace, moments, update), rounded
 #: into the parameter once at the end: fp16's range flushes squared gradients (about 1e-6 and
 #: below) to zero, and then ``M / (sqrt(V) + eps)`` explodes.  bf16 has fp32's range and keeps
@@ -47,25 +61,27 @@ def lowrank_step(
     projector: Projector | None = None,
     *,
     projected: bool = False,
+    refresher: Refresher = local_refresh,
 ) -> None:
     """Apply one optimizer step to ``param`` in place (called under ``torch.no_grad``).
 
     ``projected=True``: ``grad`` is already the low-rank gradient in the current subspace
     (layer-wise gradient accumulation sums projected micro-batch gradients), so neither a
     refresh nor a projection happens; a pending refresh request stays for the next step.
-    Parameters in :data:`FP32_STEP_DTYPES` step an fp32 copy, written back once.
+    ``refresher`` computes a due refresh (:data:`Refresher`).  Parameters in
+    :data:`FP32_STEP_DTYPES` step an fp32 copy, written back once.
     """
     if param.dtype in FP32_STEP_DTYPES:
         work = param.float()
-        _step(work, grad.float(), state, group, rule, projector, projected)
+        _step(work, grad.float(), state, group, rule, projector, projected, refresher)
         param.copy_(work)
         return
-    _step(param, grad, state, group, rule, projector, projected)
+    _step(param, grad, state, group, rule, projector, projected, refresher)
 
 
 def _step(
     param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, rule: Rule,
-    projector: Projector | None, projected: bool,
+    projector: Projector | None, projected: bool, refresher: Refresher,
 ) -> None:
     if "step" not in state:
         state["step"] = torch.tensor(0.0)
@@ -75,12 +91,12 @@ def _step(
     if projector is not None and not projected:
         fresh = None
         if refresh_due(projector, state, group, step):
-            fresh = projector.refresh(grad, state, group)
+            fresh = refresher(projector, grad, state, group, rule)
             state["refresh_step"] = torch.tensor(step, dtype=torch.int64)
         low = projector.project(grad, state, group) if fresh is None else fresh
 
     state["step"] += 1
-    update = rule.update(low, state, group, param)
+    update = rule.step(low, state, group, param)
 
     # decay and update in one pass where the backend fuses them (kernels.decoupled_decay order)
     decay_before = update.decay if update.decay_first else 0.0

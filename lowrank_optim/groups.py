@@ -9,7 +9,7 @@ from typing import Any
 
 from torch import nn
 
-from lowrank_optim.quantization import BITS
+from lowrank_optim.rules.lowbit import BITS
 from lowrank_optim.validation import check_int_at_least
 
 logger = logging.getLogger("lowrank_optim")

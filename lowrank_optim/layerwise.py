@@ -95,12 +95,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 f"LayerwiseOptimizer wraps a lowrank_optim.LowRankOptimizer, got "
                 f"{type(optimizer).__name__}; build one with lowrank_optim.create_optimizer."
             )
-        if type(optimizer).step_param is not LowRankOptimizer.step_param:
+        if not optimizer.projector_type.layerwise:
             raise ValueError(
-                f"{type(optimizer).__name__} overrides step_param: its parameters are not "
-                "independent within a step (SSTAdamW advances a layer's schedule and may "
-                "re-decompose U, S, V after V's step, which must not happen in the middle of "
-                "a backward pass). Use it with a regular optimizer.step()."
+                f"{type(optimizer).__name__}'s parameters are not independent within a step "
+                f"(its projector {optimizer.projector_type.__name__} is not layer-wise capable: "
+                "SSTAdamW advances a layer's schedule and may re-decompose U, S, V after V's "
+                "step, which must not happen in the middle of a backward pass). Use it with a "
+                "regular optimizer.step()."
             )
         if (torch.distributed.is_available() and torch.distributed.is_initialized()
                 and torch.distributed.get_world_size() > 1):
@@ -149,6 +150,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     defaults = _shared("defaults")
     reproject_on_load = _shared("reproject_on_load")
     del _shared
+
+    def state_categories(self) -> dict[str, str]:
+        """The wrapped optimizer's :meth:`LowRankOptimizer.state_categories`."""
+        return self.optimizer.state_categories()
 
     # -- settings ---------------------------------------------------------------------------
     @property

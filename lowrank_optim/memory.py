@@ -2,9 +2,11 @@
 
 Bytes are counted per distinct storage actually held (a view into a larger tensor counts the
 whole storage it keeps alive), so figures are what the optimizer really pins in memory.
-State keys follow the library's convention: ``exp_*`` are moments, ``proj_*`` the projector
-(integer ``proj_*`` tensors are indices), anything else is "other".  Foreign optimizers
-(galore-torch keeps a projector *object* in state) are walked too, so comparisons are fair.
+A library optimizer names the category of each of its state keys itself
+(:meth:`LowRankOptimizer.state_categories`, from the rule's and projector's declarations);
+for foreign optimizers (``torch.optim.AdamW``, galore-torch, which keeps a projector *object*
+in state) the usual names are recognised (``exp_*``, ``momentum_buffer``: moments; ``proj*``:
+projectors, integer ones indices) and their objects are walked too, so comparisons are fair.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from lowrank_optim.distributed import local_tensor
+from lowrank_optim.distributed.tensors import local_tensor
 
 CATEGORIES = ("moments", "projectors", "indices", "other")
 
@@ -42,7 +44,7 @@ class StateBytes:
 
 
 def category(key: str, value: torch.Tensor) -> str:
-    """Category of one state entry, by the library's key convention."""
+    """Category of one state entry of a foreign optimizer, by the usual key names."""
     if key.startswith("exp_") or key in ("momentum_buffer", "max_exp_avg_sq"):
         return "moments"
     if key.startswith("proj"):
@@ -89,6 +91,8 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> StateBytes:
                         "lowrank_optim.profile or build the optimizer first.")
     counts = dict.fromkeys(CATEGORIES, 0)
     seen: set[tuple[str, int]] = set()
+    declared = getattr(optimizer, "state_categories", None)
+    declared = declared() if callable(declared) else None
     for state in optimizer.state.values():
         for key, value in state.items():
             for t in _tensors(value):
@@ -96,8 +100,12 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> StateBytes:
                 if k in seen:
                     continue
                 seen.add(k)
-                cat = category(key, t) if isinstance(value, torch.Tensor) else (
-                    "projectors" if key.startswith("proj") else category(key, t))
+                if declared is not None:
+                    cat = declared.get(key, "other")
+                elif isinstance(value, torch.Tensor):
+                    cat = category(key, t)
+                else:
+                    cat = "projectors" if key.startswith("proj") else category(key, t)
                 counts[cat] += _held_bytes(t)
     shared = getattr(getattr(optimizer, "projector", None), "shared_buffers", None)
     for t in shared() if callable(shared) else []:

@@ -193,7 +193,7 @@ def _optimizer(model, name: str, rank: int, opt_args: dict[str, Any], analytic: 
             kwargs.setdefault("nonfinite", "ignore")  # meta tensors have no values to check
     opt = create_optimizer(model, name, **kwargs)
     if (layerwise and isinstance(opt, LowRankOptimizer)
-            and type(opt).step_param is not LowRankOptimizer.step_param):
+            and not opt.projector_type.layerwise):
         raise ValueError(f"layerwise=True: {name} ({type(opt).__name__}) cannot step one "
                          "parameter at a time during backward (lowrank_optim.LayerwiseOptimizer "
                          "refuses it), so this profile could not be trained; drop layerwise")

@@ -13,9 +13,12 @@ from torch import nn
 
 from lowrank_optim.distributed import check_model_not_partitioned
 from lowrank_optim.groups import TargetModules, param_groups
+from lowrank_optim.optim.compose import compose
 from lowrank_optim.optim.dct import DCTAdafactor, DCTAdamW
 from lowrank_optim.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from lowrank_optim.optim.sst import create_sst_adamw
+from lowrank_optim.projectors import DCTProjector, Projector, SVDProjector
+from lowrank_optim.rules.base import Rule
 
 #: name -> optimizer class taking param groups with projection keys
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -34,11 +37,31 @@ OPTIMIZER_DEFAULTS_BY_NAME: dict[str, dict[str, Any]] = {
 #: projection defaults of :func:`create_optimizer` when the caller passes none: GaLore's paper
 #: settings, overridden per optimizer name (the DCT reference refreshes every step, no scale)
 GALORE_PROJECTION_DEFAULTS: dict[str, Any] = {"update_proj_gap": 200, "scale": 0.25}
-PROJECTION_DEFAULTS_BY_NAME: dict[str, dict[str, Any]] = {
-    "dct_adamw": {"update_proj_gap": 1, "scale": 1.0},
-    "dct_adafactor": {"update_proj_gap": 1, "scale": 1.0},
-    "dct_adamw8bit": {"update_proj_gap": 1, "scale": 1.0},
+#: name prefix -> projector of :func:`register_rule`'s names, with its projection defaults
+PROJECTOR_PREFIXES: dict[str, tuple[type[Projector], dict[str, Any]]] = {
+    "galore": (SVDProjector, {}),
+    "dct": (DCTProjector, {"update_proj_gap": 1, "scale": 1.0}),
 }
+PROJECTION_DEFAULTS_BY_NAME: dict[str, dict[str, Any]] = {
+    name: PROJECTOR_PREFIXES["dct"][1] for name in ("dct_adamw", "dct_adafactor", "dct_adamw8bit")
+}
+
+
+def register_rule(rule: type[Rule], **defaults: Any) -> list[str]:
+    """Make ``create_optimizer`` names of a new inner rule: ``galore_<rule.name>`` (SVD
+    projector) and ``dct_<rule.name>`` (DCT projector), classes built by
+    :func:`lowrank_optim.optim.compose` (``defaults`` override the rule's).  Names already
+    taken are left alone.  Returns the names added."""
+    added = []
+    for prefix, (projector, projection) in PROJECTOR_PREFIXES.items():
+        name = f"{prefix}_{rule.name}"
+        if name in OPTIMIZERS:
+            continue
+        OPTIMIZERS[name] = compose(rule, projector, **defaults)
+        if projection:
+            PROJECTION_DEFAULTS_BY_NAME[name] = projection
+        added.append(name)
+    return added
 
 
 class _Unset:

@@ -3,9 +3,12 @@
 Every optimizer calls these and nothing else for projection, back-projection, the Adam moment
 update and the parameter update, so the Triton backend (CUDA tensors) and the pure-torch
 reference (:mod:`lowrank_optim.kernels.reference`, the specification; everything else) share
-one call site and there is no second copy of the math.  The backend is chosen per call by
-:mod:`lowrank_optim.kernels.dispatch`: ``backend=`` argument, else ``$LOWRANK_OPTIM_KERNELS``
-(``auto`` | ``torch`` | ``triton``), else ``auto`` (Triton for CUDA tensors, torch otherwise).
+one call site and there is no second copy of the math.  The backend is chosen by
+:mod:`lowrank_optim.kernels.dispatch`: ``backend=`` argument, else the process-wide choice
+(:func:`set_backend`; initially ``$LOWRANK_OPTIM_KERNELS``, read once at import: ``auto`` |
+``torch`` | ``triton``), and ``auto`` means Triton for CUDA tensors, torch otherwise.
+
+This package is a leaf: it imports nothing from the rest of ``lowrank_optim``.
 
 Sides: ``"right"`` uses a basis ``P`` of shape ``(r, n)`` and maps ``G (m, n) -> G P^T (m, r)``;
 ``"left"`` uses ``P`` of shape ``(m, r)`` and maps ``G -> P^T G (r, n)``.
@@ -14,7 +17,7 @@ The DCT projector passes the full DCT basis and integer indices instead (``*_ind
 SST's sampled singular vectors use ``gather_lowrank`` (columns) and ``scatter_add_columns_``.
 8-bit optimizer state (``bits=8``): ``adam_update_8bit`` (dequantise -> Adam -> requantise,
 one fused kernel on CUDA), ``quantize_blockwise`` and ``dequantize_blockwise`` (the torch path
-is :mod:`lowrank_optim.quantization`).
+is :mod:`lowrank_optim.kernels.blockwise`, the numeric specification of the codes).
 Operations without a Triton kernel (``dct2_fft``, ``dct_scores``, ``rotate_lowrank``,
 ``scatter_add_columns_``, ``decoupled_decay``) are the reference functions themselves.
 """
@@ -23,6 +26,7 @@ from lowrank_optim.kernels.dispatch import (
     ENV_VAR,
     adam_update,
     adam_update_8bit,
+    current_backend,
     dct_scores_matmul,
     dequantize_blockwise,
     gather_lowrank,
@@ -35,6 +39,7 @@ from lowrank_optim.kernels.dispatch import (
     project_indexed,
     quantize_blockwise,
     requested_backend,
+    set_backend,
     update_param,
     use_triton,
 )
@@ -50,6 +55,7 @@ __all__ = [
     "ENV_VAR",
     "adam_update",
     "adam_update_8bit",
+    "current_backend",
     "dct2_fft",
     "dct_scores",
     "dct_scores_matmul",
@@ -67,6 +73,7 @@ __all__ = [
     "requested_backend",
     "rotate_lowrank",
     "scatter_add_columns_",
+    "set_backend",
     "update_param",
     "use_triton",
 ]

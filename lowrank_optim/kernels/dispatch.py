@@ -1,7 +1,7 @@
 """Backend choice and one dispatch function per hot operation.
 
 Each function below runs either the pure-torch reference (:mod:`lowrank_optim.kernels.reference`,
-the specification) or its Triton kernel, chosen per call:
+the specification) or its Triton kernel:
 
 - ``backend="auto"`` (default): Triton when every tensor is on a CUDA device, has a supported
   dtype (fp32, bf16, fp16) and ``triton`` is importable; the torch reference otherwise (CPU
@@ -11,9 +11,12 @@ the specification) or its Triton kernel, chosen per call:
   on a CUDA device and the Triton CPU interpreter is off (``TRITON_INTERPRET=1``, slow: for
   tests).
 
-The choice comes from the ``backend`` argument, else from the environment variable
-``LOWRANK_OPTIM_KERNELS`` (``auto`` | ``torch`` | ``triton``), read at every call.  ``triton``
-is imported lazily by the first call that runs on it, never at ``import lowrank_optim``.
+The choice comes from the ``backend`` argument, else from the process-wide backend: the
+environment variable ``LOWRANK_OPTIM_KERNELS`` (``auto`` | ``torch`` | ``triton``) read once when
+this module is imported, changed later with :func:`set_backend`.  The implementation of an
+operation is then resolved once per (operation, backend, CUDA or not, dtypes supported) and
+cached, so a dispatched call costs a few attribute checks on its tensors.  ``triton`` is
+imported lazily by the first call that runs on it, never at ``import lowrank_optim``.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ import functools
 import importlib
 import os
 from collections.abc import Callable
-from types import ModuleType
 
 import torch
 
@@ -68,15 +70,36 @@ def triton_available() -> bool:
     return True
 
 
-def requested_backend(backend: str | None = None) -> str:
-    """The backend asked for: ``backend`` if given, else ``$LOWRANK_OPTIM_KERNELS``, else auto."""
-    choice = backend if backend is not None else os.environ.get(ENV_VAR, "")
+def _parse(choice: str, source: str) -> str:
     choice = choice.strip().lower() or "auto"
     if choice not in BACKENDS:
-        source = "backend argument" if backend is not None else ENV_VAR
         raise ValueError(f"Invalid kernel backend {choice!r} ({source}): expected one of "
                          f"{', '.join(BACKENDS)}.")
     return choice
+
+
+#: the process-wide backend (see :func:`set_backend`)
+_backend = _parse(os.environ.get(ENV_VAR, ""), ENV_VAR)
+
+
+def current_backend() -> str:
+    """The process-wide backend used when a call passes no ``backend``."""
+    return _backend
+
+
+def set_backend(choice: str | None = None) -> str:
+    """Set the process-wide backend (``"auto"``, ``"torch"``, ``"triton"``); ``None`` re-reads
+    ``$LOWRANK_OPTIM_KERNELS``.  Returns the previous choice (to restore it)."""
+    global _backend
+    previous = _backend
+    _backend = (_parse(os.environ.get(ENV_VAR, ""), ENV_VAR) if choice is None
+                else _parse(choice, "set_backend"))
+    return previous
+
+
+def requested_backend(backend: str | None = None) -> str:
+    """The backend asked for: ``backend`` if given, else the process-wide one."""
+    return _backend if backend is None else _parse(backend, "backend argument")
 
 
 def use_triton(*tensors: torch.Tensor, backend: str | None = None) -> bool:
@@ -113,19 +136,23 @@ def use_triton(*tensors: torch.Tensor, backend: str | None = None) -> bool:
     return True
 
 
-def _triton_module(name: str, on_cuda: bool) -> ModuleType:
+@functools.cache
+def _triton_impl(name: str, on_cuda: bool) -> Callable:
+    """The Triton implementation of ``name`` (module imported once, then cached)."""
     module = importlib.import_module(f"lowrank_optim.kernels.{_TRITON_MODULES[name]}")
     common = importlib.import_module("lowrank_optim.kernels.triton_common")
     if not on_cuda and not common.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 was set after the Triton kernels were loaded "
                            "(compiled for a GPU): set it before the first kernel call.")
-    return module
+    return getattr(module, name)
 
 
 def _impl(name: str, backend: str | None, *tensors: torch.Tensor) -> Callable:
     """The implementation of operation ``name`` for this call."""
+    if backend is None and _backend == "torch":
+        return getattr(reference, name)
     if use_triton(*tensors, backend=backend):
-        return getattr(_triton_module(name, all(t.is_cuda for t in tensors)), name)
+        return _triton_impl(name, all(t.is_cuda for t in tensors))
     return getattr(reference, name)
 
 
@@ -249,13 +276,13 @@ def adam_update_8bit(
         eps, formula, bias_correction2, block_size, code)
 
 
-# -- block-wise 8-bit quantisation (lowrank_optim.quantization is the specification) ------------
+# -- block-wise 8-bit quantisation (kernels.blockwise is the specification) ---------
 def quantize_blockwise(
     x: torch.Tensor, block_size: int = 256, code: str = "dynamic", signed: bool = True, *,
     out: tuple[torch.Tensor, torch.Tensor] | None = None, backend: str | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes uint8 of x.shape, absmax fp32 of ceil(numel / block_size))`` of ``x`` (written
-    into ``out`` when given); see :func:`lowrank_optim.quantization.quantize`."""
+    into ``out`` when given); see :func:`lowrank_optim.kernels.blockwise.quantize`."""
     tensors = (x,) if out is None else (x, *out)
     return _impl("quantize_blockwise", backend, *tensors)(x, block_size, code, signed, out)
 
@@ -265,7 +292,7 @@ def dequantize_blockwise(
     signed: bool = True, *, out: torch.Tensor | None = None, backend: str | None = None,
 ) -> torch.Tensor:
     """fp32 values of ``codes`` (written into ``out`` when given); see
-    :func:`lowrank_optim.quantization.dequantize`."""
+    :func:`lowrank_optim.kernels.blockwise.dequantize`."""
     tensors = (codes, absmax) if out is None else (codes, absmax, out)
     return _impl("dequantize_blockwise", backend, *tensors)(
         codes, absmax, block_size, code, signed, out)

@@ -12,9 +12,9 @@ from contextlib import contextmanager
 
 import torch
 
-# block-wise 8-bit quantisation: the specification is lowrank_optim.quantization itself
-from lowrank_optim.quantization import dequantize as dequantize_blockwise
-from lowrank_optim.quantization import quantize as quantize_blockwise
+# block-wise 8-bit quantisation: the specification is lowrank_optim.kernels.blockwise itself
+from lowrank_optim.kernels.blockwise import dequantize as dequantize_blockwise
+from lowrank_optim.kernels.blockwise import quantize as quantize_blockwise
 
 
 def project(grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:

@@ -5,12 +5,12 @@ block size rounded up to a power of two, the extra columns masked), so a block's
 row reduction in registers:
 
 - ``quantize_blockwise`` / ``dequantize_blockwise``: the torch reference
-  (:mod:`lowrank_optim.quantization`) in one pass;
+  (:mod:`lowrank_optim.kernels.blockwise`) in one pass;
 - ``adam_update_8bit``: dequantise both moments -> Adam's moment update -> the normalized
   direction -> requantise, one read of the gradient, codes and scales and one write of the
   codes, scales and direction per element; the fp32 moments exist only in registers.
 
-The tables come from :func:`lowrank_optim.quantization.table` / ``midpoints`` (256 + 255 fp32
+The tables come from :func:`lowrank_optim.blockwise.table` / ``midpoints`` (256 + 255 fp32
 values, read through the cache); a code is found by an 8-step binary search over the
 midpoints, which equals ``torch.bucketize``'s count of midpoints below the value.  Values lying
 exactly on a midpoint may round to either neighbour when the two backends' fp32 arithmetic
@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_optim import quantization
+from lowrank_optim.kernels import blockwise
 from lowrank_optim.kernels.triton_common import INTERPRET
 from lowrank_optim.kernels.triton_elementwise import adam_direction, adam_moments, inplace
 
@@ -39,7 +39,7 @@ def _layout(numel: int, block_size: int) -> tuple[int, int, int, tuple[int]]:
     block = triton.next_power_of_2(block_size)
     rows = max(1, _TILE // block)
     warps = 8 if rows * block >= 4096 else 4
-    grid = (triton.cdiv(quantization.num_blocks(numel, block_size), rows),)
+    grid = (triton.cdiv(blockwise.num_blocks(numel, block_size), rows),)
     return block, rows, warps, grid
 
 
@@ -119,7 +119,7 @@ def _check_state(codes: torch.Tensor, absmax: torch.Tensor, numel: int, block_si
     if codes.dtype != torch.uint8 or codes.numel() != numel:
         raise ValueError(f"codes must be uint8 with {numel} elements, got {codes.dtype} "
                          f"{tuple(codes.shape)}")
-    blocks = quantization.num_blocks(numel, block_size)
+    blocks = blockwise.num_blocks(numel, block_size)
     if absmax.dtype != torch.float32 or absmax.numel() != blocks:
         raise ValueError(f"absmax must be fp32 with ceil({numel} / {block_size}) = {blocks} "
                          f"elements, got {absmax.dtype} {tuple(absmax.shape)}")
@@ -129,17 +129,17 @@ def quantize_blockwise(
     x: torch.Tensor, block_size: int = 256, code: str = "dynamic", signed: bool = True,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(codes, absmax)`` of ``x``; see :func:`lowrank_optim.quantization.quantize`."""
+    """``(codes, absmax)`` of ``x``; see :func:`lowrank_optim.kernels.blockwise.quantize`."""
     numel = x.numel()
     if out is None:
         out = (torch.empty(x.shape, dtype=torch.uint8, device=x.device),
-               torch.empty(quantization.num_blocks(numel, block_size), dtype=torch.float32,
+               torch.empty(blockwise.num_blocks(numel, block_size), dtype=torch.float32,
                            device=x.device))
     _check_state(*out, numel, block_size)
     if numel == 0:
         return out
     x = x.contiguous()
-    mids = quantization.midpoints(code, signed, x.device)
+    mids = blockwise.midpoints(code, signed, x.device)
     block, rows, warps, grid = _layout(numel, block_size)
 
     def run(codes: torch.Tensor, absmax: torch.Tensor) -> None:
@@ -154,7 +154,7 @@ def dequantize_blockwise(
     codes: torch.Tensor, absmax: torch.Tensor, block_size: int = 256, code: str = "dynamic",
     signed: bool = True, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """fp32 values of ``codes``; see :func:`lowrank_optim.quantization.dequantize`."""
+    """fp32 values of ``codes``; see :func:`lowrank_optim.kernels.blockwise.dequantize`."""
     numel = codes.numel()
     _check_state(codes, absmax, numel, block_size)
     if out is None:
@@ -162,7 +162,7 @@ def dequantize_blockwise(
     if numel == 0:
         return out
     codes, absmax = codes.contiguous(), absmax.contiguous()
-    values = quantization.table(code, signed, codes.device)
+    values = blockwise.table(code, signed, codes.device)
     block, rows, warps, grid = _layout(numel, block_size)
 
     def run(o: torch.Tensor) -> None:
@@ -194,8 +194,8 @@ def adam_update_8bit(
     def run(mc: torch.Tensor, ma: torch.Tensor, vc: torch.Tensor, va: torch.Tensor) -> None:
         _adam_8bit_kernel[grid](
             grad, mc, ma, vc, va, direction,
-            quantization.table(code, True, device), quantization.midpoints(code, True, device),
-            quantization.table(code, False, device), quantization.midpoints(code, False, device),
+            blockwise.table(code, True, device), blockwise.midpoints(code, True, device),
+            blockwise.table(code, False, device), blockwise.midpoints(code, False, device),
             numel, ma.numel(), block_size, float(beta1), 1.0 - beta1, float(beta2), 1.0 - beta2,
             float(eps), math.sqrt(bias_correction2), _TINY,
             TORCH_FORMULA=formula == "torch", ROWS=rows, BLOCK=block, num_warps=warps,

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from lowrank_optim import distributed
-from lowrank_optim.core import lowrank_step
+from lowrank_optim.core import Refresher, local_refresh, lowrank_step
 from lowrank_optim.projectors.base import Projector
 from lowrank_optim.rules.base import Rule
 from lowrank_optim.validation import (
@@ -51,7 +51,20 @@ class LowRankOptimizer(torch.optim.Optimizer):
         parameter *before* anything is updated, so parameters and state stay as they were;
         ``"skip"`` warns and skips the whole step (like AMP's ``GradScaler``); ``"ignore"``
         skips the check (saves one pass over the gradients and a host sync).
+
+    Attributes
+    ----------
+    projector_type
+        The :class:`Projector` class this optimizer class uses; engines read its declared
+        capabilities (``layerwise``, ``refresh_timing``, ``row_shardable``) from it.
+    refresher
+        How a due refresh is computed (:data:`lowrank_optim.core.Refresher`; replaced by
+        :func:`lowrank_optim.distributed.broadcast_refreshes`).
     """
+
+    projector_type: type[Projector] = Projector
+    #: state keys the core itself keeps per parameter (memory category ``other``)
+    CORE_STATE_KEYS = ("step", "refresh_step", "refresh_requested")
 
     def __init__(
         self,
@@ -69,7 +82,9 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 "optimizer with lowrank_optim.create_optimizer(model, name, ...).")
         self.rule = rule
         self.projector = projector
+        self.refresher: Refresher = local_refresh
         self.nonfinite = nonfinite
+        self._layouts: dict[int, tuple] = {}  # id(group) -> layout_fingerprint last checked
         self.skipped_steps = 0
         self._track_overlap = False
         self._overlaps: dict[torch.Tensor, torch.Tensor] = {}
@@ -90,12 +105,28 @@ class LowRankOptimizer(torch.optim.Optimizer):
             if group["rank"] is not None and p.dim() >= 2:  # 1-D tensors go unprojected
                 self.projector.validate(p, group, label)  # rejects 3-D+ with a clear message
         # flattened groups (DeepSpeed ZeRO) and unsupported FSDP2 shards raise here, and again
-        # in step(): engines swap the tensors in param_groups after construction
-        distributed.check_group_layout(self, group)
+        # in step() when the group changed: engines swap the tensors in param_groups later
+        self._check_layout(group)
+
+    def _check_layout(self, group: dict) -> None:
+        """:func:`distributed.check_group_layout` when ``group``'s tensors or settings changed
+        since the last check (a step costs one fingerprint, not a re-check)."""
+        fingerprint = distributed.layout_fingerprint(group)
+        if self._layouts.get(id(group)) != fingerprint:
+            distributed.check_group_layout(self, group)
+            self._layouts[id(group)] = fingerprint
 
     @staticmethod
-    def _projects(group: dict, param: torch.Tensor) -> bool:
+    def projects(group: dict, param: torch.Tensor) -> bool:
+        """Whether ``param`` of ``group`` is projected (a 2-D tensor in a group with ``rank``)."""
         return group["rank"] is not None and param.dim() == 2
+
+    def state_categories(self) -> dict[str, str]:
+        """Memory category of every state key this optimizer may create, from the rule's and
+        projector's declarations (:func:`lowrank_optim.memory.state_bytes`); others are
+        ``"other"``."""
+        return {**dict.fromkeys(self.CORE_STATE_KEYS, "other"),
+                **self.projector.state_categories(), **self.rule.state_categories()}
 
     # -- stepping -------------------------------------------------------------------------
     def _check_step_inputs(self) -> list[tuple[dict, int, torch.Tensor]]:
@@ -150,7 +181,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            distributed.check_group_layout(self, group)
+            self._check_layout(group)
         grads = self._check_step_inputs()  # nothing changes before every input is checked
         if self.nonfinite != "ignore" and not self._grads_finite(grads):
             return loss
@@ -184,22 +215,24 @@ class LowRankOptimizer(torch.optim.Optimizer):
         """
         grad = param.grad if grad is None else grad
         check_grad(grad, lambda: param_label(group, index, param), None if projected else param)
-        projector = self.projector if self._projects(group, param) else None
+        projector = self.projector if self.projects(group, param) else None
         state = self.state[param]
         if distributed.is_dtensor(param):  # FSDP2 shard: the same step on this rank's rows
             if projected:
                 raise NotImplementedError(
                     f"{param_label(group, index, param)}: pre-projected (layer-wise) gradients "
                     "are not supported for FSDP2-sharded parameters.")
-            distributed.sharded_step(param, grad, state, group, self.rule, projector)
+            distributed.sharded_step(param, grad, state, group, self.rule, projector,
+                                     self.refresher)
             return
         if projector is None or projected or not getattr(self, "_track_overlap", False):
-            lowrank_step(param, grad, state, group, self.rule, projector, projected=projected)
+            lowrank_step(param, grad, state, group, self.rule, projector, projected=projected,
+                         refresher=self.refresher)
             return
         # overlap tracking (off unless a callback asked): keep the old subspace's tensors
         # (refresh stores new ones) and compare once after a refresh, on the device
         before, step = projector.subspace(state), int(state.get("step", 0))
-        lowrank_step(param, grad, state, group, self.rule, projector)
+        lowrank_step(param, grad, state, group, self.rule, projector, refresher=self.refresher)
         if before and "refresh_step" in state and int(state["refresh_step"]) == step:
             value = projector.overlap(before, projector.subspace(state), group)
             if value is not None:
@@ -213,7 +246,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         wanted = None if params is None else {id(p) for p in params}
         for group in self.param_groups:
             for p in group["params"]:
-                if self._projects(group, p) and (wanted is None or id(p) in wanted):
+                if self.projects(group, p) and (wanted is None or id(p) in wanted):
                     self.state[p]["refresh_requested"] = torch.tensor(True)
 
     def track_subspace_overlap(self, enabled: bool = True) -> None:
@@ -295,7 +328,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         for g, group in enumerate(self.param_groups):
             names = group.get("param_names")
             for i, p in enumerate(group["params"]):
-                if self._projects(group, p):
+                if self.projects(group, p):
                     out.append((names[i] if names else f"group{g}.param{i}", p, group))
         return out
 
@@ -412,5 +445,6 @@ class LowRankOptimizer(torch.optim.Optimizer):
         (torch re-creates the hook registries, which are not copied)."""
         state = super().__getstate__()
         state.update({k: v for k, v in self.__dict__.items()
-                      if k not in state and "hook" not in k})
+                      if k not in state and "hook" not in k and k != "_layouts"})
+        state["_layouts"] = {}  # keyed by id(group): meaningless in the copy
         return state

@@ -7,13 +7,14 @@ from collections.abc import Iterable
 
 import torch
 
+from lowrank_optim.optim._hyperparameters import fill_doc, group_defaults
 from lowrank_optim.optim.base import LowRankOptimizer
 from lowrank_optim.projectors.svd import SVDProjector
 from lowrank_optim.rules.adafactor import Adafactor
 from lowrank_optim.rules.adam import Adam
-from lowrank_optim.validation import as_tuple
 
 
+@fill_doc
 class GaLoreAdamW(LowRankOptimizer):
     """AdamW with GaLore gradient projection (Zhao et al., 2024, arXiv:2403.03507).
 
@@ -24,23 +25,16 @@ class GaLoreAdamW(LowRankOptimizer):
 
     Parameters
     ----------
-    params
-        Parameters or param groups.
-    lr, betas, eps, weight_decay, correct_bias
-        Adam hyper-parameters with galore-torch's defaults (eps 1e-6, no weight decay).
+    {params}
+    {adam}
+        The defaults are galore-torch's (eps 1e-6, no weight decay).
     formula
         ``"galore"`` (default): galore-torch's formula (eps added before bias correction,
         weight decay after the update).  ``"torch"``: ``torch.optim.AdamW``'s formula, e.g.
         ``GaLoreAdamW(params, formula="torch", eps=1e-8, weight_decay=1e-2)`` equals
         ``torch.optim.AdamW`` on groups without ``rank``.
-    bits, block_size, code, min_8bit_size
-        Optimizer-state precision (group keys, see :class:`lowrank_optim.rules.Adam`):
-        ``bits=8`` stores the low-rank moments of projected weights and the moments of the
-        other parameters as block-wise 8-bit codes (``block_size`` elements per fp32 absmax,
-        ``"dynamic"`` or ``"linear"`` table); tensors smaller than ``min_8bit_size`` keep
-        32-bit moments.  Default ``bits=32``.
-    nonfinite
-        ``"raise"`` | ``"skip"`` | ``"ignore"``: see :class:`LowRankOptimizer`.
+    {lowbit}
+    {nonfinite}
 
     Examples
     --------
@@ -48,6 +42,8 @@ class GaLoreAdamW(LowRankOptimizer):
     >>> opt = GaLoreAdamW(groups, lr=1e-2)
     >>> opt8 = GaLoreAdamW(groups, lr=1e-2, bits=8)  # 8-bit moments
     """
+
+    projector_type = SVDProjector
 
     def __init__(
         self,
@@ -66,12 +62,11 @@ class GaLoreAdamW(LowRankOptimizer):
         nonfinite: str = "raise",
         no_deprecation_warning: bool = True,  # accepted for galore-torch compatibility
     ) -> None:
-        defaults = dict(lr=lr, betas=as_tuple(betas), eps=eps, weight_decay=weight_decay,
-                        correct_bias=correct_bias, formula=formula, bits=bits,
-                        block_size=block_size, code=code, min_8bit_size=min_8bit_size)
-        super().__init__(params, defaults, Adam(), SVDProjector(), nonfinite=nonfinite)
+        defaults = group_defaults(locals(), Adam, self.projector_type)
+        super().__init__(params, defaults, Adam(), self.projector_type(), nonfinite=nonfinite)
 
 
+@fill_doc
 class GaLoreAdamW8bit(GaLoreAdamW):
     """GaLore with 8-bit AdamW state; drop-in for ``galore_torch.GaLoreAdamW8bit``.
 
@@ -85,9 +80,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
 
     Parameters
     ----------
-    params
-        Parameters or param groups (groups opt in to GaLore with ``rank``, as for
-        :class:`GaLoreAdamW`).
+    {params}
     lr, betas, eps, weight_decay
         AdamW hyper-parameters.
     amsgrad, percentile_clipping, block_wise, is_paged, args
@@ -103,8 +96,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     block_size, code
         Elements per absmax scale (256, as bitsandbytes' block-wise mode) and the table
         (``"dynamic"`` or ``"linear"``).
-    nonfinite
-        ``"raise"`` | ``"skip"`` | ``"ignore"``: see :class:`LowRankOptimizer`.
+    {nonfinite}
 
     Notes
     -----
@@ -112,7 +104,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     back-projected update, bitsandbytes (unprojected parameters) before it; here it is applied
     before the update for both (``torch.optim.AdamW``'s order).  The two orders differ by
     ``lr * weight_decay`` times the update, a second-order difference.  The 8-bit tables are
-    this library's (:mod:`lowrank_optim.quantization`), not bitsandbytes' bit for bit.
+    this library's (:mod:`lowrank_optim.kernels.blockwise`), not bitsandbytes' bit for bit.
 
     Examples
     --------
@@ -162,12 +154,21 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                          min_8bit_size=min_8bit_size, nonfinite=nonfinite)
 
 
+@fill_doc
 class GaLoreAdafactor(LowRankOptimizer):
     """Adafactor with GaLore gradient projection; drop-in for ``galore_torch.GaLoreAdafactor``.
 
-    Hyper-parameters and defaults are those of ``transformers.Adafactor`` (relative step when
-    ``lr`` is ``None``); the factored second moment is kept for the low-rank gradient.
+    Groups opt in with ``rank`` and take ``update_proj_gap``, ``scale`` and ``proj_type`` as
+    for :class:`GaLoreAdamW`.
+
+    Parameters
+    ----------
+    {params}
+    {adafactor}
+    {nonfinite}
     """
+
+    projector_type = SVDProjector
 
     def __init__(
         self,
@@ -184,8 +185,6 @@ class GaLoreAdafactor(LowRankOptimizer):
         *,
         nonfinite: str = "raise",
     ) -> None:
-        defaults = dict(lr=lr, eps=as_tuple(eps), clip_threshold=clip_threshold,
-                        decay_rate=decay_rate, beta1=beta1, weight_decay=weight_decay,
-                        scale_parameter=scale_parameter, relative_step=relative_step,
-                        warmup_init=warmup_init)
-        super().__init__(params, defaults, Adafactor(), SVDProjector(), nonfinite=nonfinite)
+        defaults = group_defaults(locals(), Adafactor, self.projector_type)
+        super().__init__(params, defaults, Adafactor(), self.projector_type(),
+                         nonfinite=nonfinite)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from lowrank_optim.groups import TargetModules
+from lowrank_optim.optim._hyperparameters import fill_doc, group_defaults
 from lowrank_optim.optim.base import LowRankOptimizer
 from lowrank_optim.projectors.sampled import SampledColumnsProjector
 from lowrank_optim.rules.adam import Adam
@@ -30,7 +31,7 @@ from lowrank_optim.sst.convert import convert, spectral_modules
 from lowrank_optim.sst.groups import sst_param_groups
 from lowrank_optim.sst.layers import spectral_product, svd_factors
 from lowrank_optim.sst.sampling import sample_indices, seeded_generator
-from lowrank_optim.validation import as_tuple, check_int_at_least, param_label
+from lowrank_optim.validation import check_int_at_least, param_label
 
 #: per-layer schedule counters, kept in the state of the layer's ``S`` (int64 scalars)
 LAYER_KEYS = ("sst_layer", "sst_step", "sst_draws", "sst_resvds")
@@ -38,6 +39,7 @@ LAYER_KEYS = ("sst_layer", "sst_step", "sst_draws", "sst_resvds")
 Triple = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
+@fill_doc
 class SSTAdamW(LowRankOptimizer):
     """AdamW with Sparse Spectral Training for the ``SpectralLinear`` layers of a model.
 
@@ -56,10 +58,9 @@ class SSTAdamW(LowRankOptimizer):
     ----------
     params
         Param groups from :func:`lowrank_optim.sst.sst_param_groups`.
-    lr, betas, eps, weight_decay
-        AdamW hyper-parameters; the defaults are ``torch.optim.AdamW``'s, so ``SSTAdamW`` swaps
-        in for it.
-    formula, correct_bias
+    {adam}
+        The defaults are ``torch.optim.AdamW``'s, so ``SSTAdamW`` swaps in for it.
+    formula
         ``"torch"`` (default): ``torch.optim.AdamW``'s update.  ``"galore"``: the older
         ``transformers.AdamW`` form (see :class:`lowrank_optim.rules.Adam`).
     iteration_length
@@ -79,22 +80,24 @@ class SSTAdamW(LowRankOptimizer):
     seed
         Seed of the sampling; draw ``t`` of layer ``l`` uses a generator seeded from
         ``(seed, l, t)``, so runs (and resumed runs) are reproducible without generator state.
-    bits, block_size, code, min_8bit_size
-        Optimizer-state precision: ``bits=8`` keeps the moments as block-wise 8-bit codes
-        (see :class:`lowrank_optim.rules.Adam`); default ``bits=32``.
-    nonfinite
-        ``"raise"`` | ``"skip"`` | ``"ignore"``: see :class:`LowRankOptimizer`.
+    {lowbit}
+    {nonfinite}
 
     Notes
     -----
     Call :meth:`step` (not per-parameter ``step_param`` hooks): a layer's schedule advances after
-    its ``V`` is stepped, and a re-SVD must happen between two forward passes.
+    its ``V`` is stepped, and a re-SVD must happen between two forward passes.  For the same
+    reason the sampled projector is not layer-wise capable (``projector_type.layerwise`` is
+    false): :class:`~lowrank_optim.LayerwiseOptimizer` refuses ``SSTAdamW``, and
+    :meth:`step_param` refuses pre-projected gradients.
 
     Examples
     --------
     >>> sst.convert(model, rank=64)
     >>> opt = SSTAdamW(sst.sst_param_groups(model), lr=1e-3, iteration_length=200)
     """
+
+    projector_type = SampledColumnsProjector
 
     def __init__(
         self,
@@ -117,14 +120,11 @@ class SSTAdamW(LowRankOptimizer):
         nonfinite: str = "raise",
     ) -> None:
         self._num_layers = 0
-        defaults = dict(lr=lr, betas=as_tuple(betas), eps=eps, weight_decay=weight_decay,
-                        formula=formula, correct_bias=correct_bias, bits=bits,
-                        block_size=block_size, code=code, min_8bit_size=min_8bit_size,
+        defaults = dict(group_defaults(locals(), Adam, self.projector_type),
                         iteration_length=iteration_length,
                         iterations_per_round=iterations_per_round,
-                        iteration_warmup=iteration_warmup, seed=seed,
-                        update_proj_gap=None)
-        super().__init__(params, defaults, Adam(), SampledColumnsProjector(), nonfinite=nonfinite)
+                        iteration_warmup=iteration_warmup, seed=seed, update_proj_gap=None)
+        super().__init__(params, defaults, Adam(), self.projector_type(), nonfinite=nonfinite)
 
     # -- construction ---------------------------------------------------------------------
     def add_param_group(self, param_group: dict[str, Any]) -> None:
@@ -159,18 +159,31 @@ class SSTAdamW(LowRankOptimizer):
             self._num_layers += 1
 
     # -- stepping -------------------------------------------------------------------------
-    def step_param(self, param: torch.Tensor, group: dict, index: int = 0) -> None:
-        """Step one parameter; after a layer's ``V`` its iteration / round schedule advances."""
+    def step_param(self, param: torch.Tensor, group: dict, index: int = 0,
+                   grad: torch.Tensor | None = None, *, projected: bool = False) -> None:
+        """Step one parameter; after a layer's ``V`` its iteration / round schedule advances.
+
+        Same parameters as :meth:`LowRankOptimizer.step_param`.  In an SST group (one with
+        ``rank``) ``projected=True`` raises ``NotImplementedError``: the schedule this step
+        advances redraws the sampled vectors and re-decomposes the layer, so a gradient
+        projected ahead of it (layer-wise accumulation) could refer to vectors no longer
+        sampled.
+        """
         if group["rank"] is None:
-            super().step_param(param, group, index)
+            super().step_param(param, group, index, grad, projected=projected)
             return
+        if projected:
+            raise NotImplementedError(
+                f"{param_label(group, index, param)}: projected=True (a pre-projected, "
+                "layer-wise gradient) is not supported by SSTAdamW: its sampled projector is "
+                "not layer-wise capable; call step() instead.")
         role = index % 3  # U, S, V
         lr = group["lr"] * self._warmup_factor(group, self.state[param])
         if role == 1:
-            super().step_param(param, {**group, "lr": lr}, index)
+            super().step_param(param, {**group, "lr": lr}, index, grad)
             param.clamp_(min=0.0)
             return
-        super().step_param(param, {**group, "lr": lr, "weight_decay": 0.0}, index)
+        super().step_param(param, {**group, "lr": lr, "weight_decay": 0.0}, index, grad)
         if role == 2:
             self._end_layer_step(group, *group["params"][index - 2:index + 1])
 

@@ -31,9 +31,10 @@ from typing import Any
 
 import torch
 
-from lowrank_optim import kernels, quantization
-from lowrank_optim.projectors.base import Projector
+from lowrank_optim import kernels
+from lowrank_optim.projectors.base import Projector, index_overlap
 from lowrank_optim.projectors.svd import galore_sides
+from lowrank_optim.rules.base import Rule
 from lowrank_optim.validation import check_choice, check_int_at_least, check_rank
 
 SCORE_NORMS = ("l2", "l1")
@@ -51,8 +52,7 @@ DCT_DEFAULTS: dict[str, Any] = {
 #: routes' refresh times cross between n = 192 and 256 (0.6 ms vs 0.44 ms at 256, 2x faster FFT
 #: at 384, over 10x at 512); below, the GEMM wins on the FFT route's fixed overhead
 AUTO_FFT_MIN_SIZE = 256
-#: optimizer-state key of the error-feedback residual; neither ``proj_`` nor ``exp_``, so
-#: :func:`lowrank_optim.memory.state_bytes` reports it under ``other``
+#: optimizer-state key of the error-feedback residual (memory category ``other``)
 ERROR_FEEDBACK_KEY = "error_feedback"
 
 
@@ -111,9 +111,10 @@ class DCTProjector(Projector):
         ``[old_a == new_b]``: moments of frequencies that stay selected move to their new slot,
         those of new frequencies start at zero; the paper's ``|V R_rot|`` is then a no-op
         (a permutation keeps ``V >= 0``), so it is computed exactly, without the basis.
-        Rotated: every 2-D ``exp_*`` tensor, and the factored statistic that keeps the rank
-        axis (Adafactor's ``exp_avg_sq_col`` on the right, ``exp_avg_sq_row`` on the left);
-        8-bit moments (``bits=8``) are dequantised, rotated and requantised.
+        The rule rotates every moment that keeps the rank axis
+        (:meth:`~lowrank_optim.rules.Rule.map_moments`: Adam's two moments, Adafactor's first
+        moment and its factored statistic along the rank axis); 8-bit moments (``bits=8``) are
+        dequantised, rotated and requantised.
         Default ``True``.  The reference defaults to ``False``, which leaves slot ``j`` of the
         moments to whatever frequency is ``j``-th after the next selection: with a refresh
         every step that scrambles the moments (tiny LLaMA on the order-2 task of
@@ -140,6 +141,12 @@ class DCTProjector(Projector):
     name = "dct"
     structure_keys = {**Projector.structure_keys,
                       "error_feedback": DCT_DEFAULTS["error_feedback"]}
+    subspace_keys = {"proj_idx": "indices", "proj_shape": "indices"}
+    extra_keys = {ERROR_FEEDBACK_KEY: "other"}
+    hyperparameters = (*Projector.hyperparameters, *DCT_DEFAULTS)
+    defaults = DCT_DEFAULTS
+    row_shardable = True
+    refresh_from_rows = True
 
     def __init__(self, fft_min_size: int = AUTO_FFT_MIN_SIZE) -> None:
         check_int_at_least("fft_min_size", fft_min_size, 1)
@@ -167,6 +174,20 @@ class DCTProjector(Projector):
         check_choice("score_route", _opt(group, "score_route"), SCORE_ROUTES)
         check_choice("rotate_moments", _opt(group, "rotate_moments"), (False, True))
         check_choice("error_feedback", _opt(group, "error_feedback"), (False, True))
+
+    def sides(self, shape: tuple[int, ...], group: dict) -> tuple[str, ...]:
+        return (dct_side(shape, group.get("proj_type", "std"))[0],)
+
+    def fsdp2_problem(self, group: dict) -> str | None:
+        if _opt(group, "error_feedback"):
+            return ("error_feedback=True is not supported under FSDP2: DCT error feedback keeps "
+                    "a full-size residual per weight; turn it off under FSDP2")
+        return None
+
+    def overlap(self, old: dict, new: dict, group: dict) -> torch.Tensor | None:
+        """Share of the new frequencies that were already selected (see
+        :func:`~lowrank_optim.projectors.base.index_overlap`)."""
+        return index_overlap(old.get("proj_idx"), new.get("proj_idx"))
 
     def route(self, n: int, group: dict) -> str:
         """``"matmul"`` or ``"fft"``: how the coefficients of a size-``n`` basis are scored."""
@@ -196,12 +217,13 @@ class DCTProjector(Projector):
         """Indices (int32, increasing) of the ``rank`` largest ``scores``."""
         return torch.topk(scores, rank, sorted=False).indices.sort().values.to(torch.int32)
 
-    def refresh(self, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
-        return self._refresh(grad, state, group, tuple(grad.shape), None)
+    def refresh(self, grad: torch.Tensor, state: dict, group: dict,
+                rule: Rule | None = None) -> torch.Tensor:
+        return self._refresh(grad, state, group, tuple(grad.shape), None, rule)
 
     def refresh_rows(
         self, rows: torch.Tensor, state: dict, group: dict, shape: tuple[int, ...],
-        all_reduce: Callable[[torch.Tensor], object],
+        all_reduce: Callable[[torch.Tensor], object], rule: Rule | None = None,
     ) -> torch.Tensor:
         """Refresh from this rank's rows of a gradient of ``shape`` split by rows (FSDP2).
 
@@ -215,10 +237,11 @@ class DCTProjector(Projector):
         if side != "right":
             raise ValueError(f"refresh_rows needs a right-side projection, not {side!r} "
                              f"(shape {shape}, proj_type={group.get('proj_type', 'std')!r})")
-        return self._refresh(rows, state, group, shape, all_reduce)
+        return self._refresh(rows, state, group, shape, all_reduce, rule)
 
     def _refresh(self, grad: torch.Tensor, state: dict, group: dict, shape: tuple[int, ...],
-                 all_reduce: Callable[[torch.Tensor], object] | None) -> torch.Tensor:
+                 all_reduce: Callable[[torch.Tensor], object] | None,
+                 rule: Rule | None) -> torch.Tensor:
         side, _ = dct_side(shape, group.get("proj_type", "std"))
         acc = self._with_error(grad, state, group)
         coeffs = self.coefficients(acc, group)
@@ -229,8 +252,9 @@ class DCTProjector(Projector):
             all_reduce(scores)
         idx = self.top(scores, group["rank"])
         old = state.get("proj_idx")
-        if old is not None and _opt(group, "rotate_moments") and not torch.equal(old, idx):
-            self._rotate_moments(state, group, old, idx, side)
+        if (rule is not None and old is not None and _opt(group, "rotate_moments")
+                and not torch.equal(old, idx)):
+            self._rotate_moments(rule, state, group, old, idx, side)
         state["proj_idx"] = idx
         if "proj_shape" not in state:
             state["proj_shape"] = torch.tensor(shape, dtype=torch.int64)
@@ -272,20 +296,17 @@ class DCTProjector(Projector):
         return (old.unsqueeze(1) == new.unsqueeze(0)).to(dtype)
 
     def _rotate_moments(
-        self, state: dict, group: dict, old: torch.Tensor, new: torch.Tensor, side: str
+        self, rule: Rule, state: dict, group: dict, old: torch.Tensor, new: torch.Tensor,
+        side: str,
     ) -> None:
-        kept_axis_suffix = "_col" if side == "right" else "_row"
-        storage_suffixes = (quantization.CODES_SUFFIX, quantization.ABSMAX_SUFFIX)
-        # 8-bit moments are rotated in fp32 and requantised on exit
-        with quantization.dequantized(state, group) as moments:
-            for key, value in list(moments.items()):
-                if not (key.startswith("exp_") and value.is_floating_point()):
-                    continue
-                if key.endswith(storage_suffixes):
-                    continue
-                if value.dim() == 2 or key.endswith(kept_axis_suffix):
-                    rot = self.rotation(old.to(value.device), new.to(value.device), value.dtype)
-                    value.copy_(kernels.rotate_lowrank(value, rot, side))
+        """Have ``rule`` re-express its moments in the new selection (rank axis: the
+        low-rank gradient's columns on the right, its rows on the left)."""
+        def rotate(value: torch.Tensor, axis: int) -> torch.Tensor:
+            rot = self.rotation(old.to(value.device), new.to(value.device), value.dtype)
+            return kernels.rotate_lowrank(value, rot, "right" if axis == value.dim() - 1
+                                          else "left")
+
+        rule.map_moments(state, group, 1 if side == "right" else 0, rotate)
 
     @staticmethod
     def _with_error(grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:

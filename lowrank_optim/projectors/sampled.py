@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from lowrank_optim import kernels
-from lowrank_optim.projectors.base import Projector
+from lowrank_optim.projectors.base import Projector, index_overlap
+from lowrank_optim.rules.base import Rule
 from lowrank_optim.validation import check_int_at_least
 
 
@@ -27,6 +28,15 @@ class SampledColumnsProjector(Projector):
     """
 
     name = "sampled"
+    subspace_keys = {"proj_idx": "indices", "proj_width": "indices"}
+    unshardable_reason = (
+        "Sparse Spectral Training renormalises each sampled column of U and V over the whole "
+        "column and re-decomposes whole matrices by SVD, which a row shard cannot do. Train "
+        "SST with DDP (or convert back with lowrank_optim.sst.merge first)")
+    #: a layer's schedule advances after its V is stepped (and may re-decompose U, S, V),
+    #: which must not happen in the middle of a backward pass
+    layerwise = False
+    refresh_timing = "optimizer"
 
     def __init__(self, normalize: bool = True) -> None:
         self.normalize = normalize
@@ -50,7 +60,8 @@ class SampledColumnsProjector(Projector):
     def has_subspace(self, state: dict) -> bool:
         return "proj_idx" in state
 
-    def refresh(self, grad: torch.Tensor, state: dict, group: dict) -> None:
+    def refresh(self, grad: torch.Tensor, state: dict, group: dict,
+                rule: Rule | None = None) -> None:
         raise RuntimeError(
             "SampledColumnsProjector has no sampled columns for this parameter: its indices are "
             "drawn per layer by SSTAdamW (construction, resample(), resvd()); a state loaded "
@@ -65,7 +76,13 @@ class SampledColumnsProjector(Projector):
         kernels.scatter_add_columns_(full, state["proj_idx"], low, 1.0)
         return full
 
-    def apply(
-        self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict, group: dict
+    def apply_update(
+        self, param: torch.Tensor, low: torch.Tensor, alpha: float, state: dict, group: dict,
+        decay_before: float = 0.0, decay_after: float = 0.0,
     ) -> None:
-        kernels.scatter_add_columns_(param, state["proj_idx"], low, alpha, self.normalize)
+        with kernels.decoupled_decay(param, decay_before, decay_after):
+            kernels.scatter_add_columns_(param, state["proj_idx"], low, alpha, self.normalize)
+
+    def overlap(self, old: dict, new: dict, group: dict) -> torch.Tensor | None:
+        """Share of the newly sampled vectors that were already sampled."""
+        return index_overlap(old.get("proj_idx"), new.get("proj_idx"))

@@ -6,6 +6,7 @@ import torch
 
 from lowrank_optim import kernels
 from lowrank_optim.projectors.base import Projector
+from lowrank_optim.rules.base import Rule
 from lowrank_optim.validation import PROJ_TYPES, check_choice, check_rank
 
 
@@ -31,18 +32,24 @@ class SVDProjector(Projector):
     """
 
     name = "svd"
+    subspace_keys = {"proj_left": "projectors", "proj_right": "projectors"}
+    row_shardable = True
 
     def validate(self, param: torch.Tensor, group: dict, label: str) -> None:
         check_choice("proj_type", group.get("proj_type", "std"), PROJ_TYPES)
         check_rank(group["rank"], param, label, group.get("proj_type", "std"))
 
+    def sides(self, shape: tuple[int, ...], group: dict) -> tuple[str, ...]:
+        return galore_sides(shape, group.get("proj_type", "std"))
+
     def has_subspace(self, state: dict) -> bool:
         return "proj_left" in state or "proj_right" in state
 
-    def refresh(self, grad: torch.Tensor, state: dict, group: dict) -> None:
+    def refresh(self, grad: torch.Tensor, state: dict, group: dict,
+                rule: Rule | None = None) -> None:
         rank = group["rank"]
         u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-        for side in galore_sides(grad.shape, group["proj_type"]):
+        for side in self.sides(grad.shape, group):
             basis = u[:, :rank] if side == "left" else vh[:rank]
             state[f"proj_{side}"] = basis.to(dtype=grad.dtype, copy=True).contiguous()
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from lowrank_optim.rules.base import Rule, Update
+from lowrank_optim.rules.base import Moment, Rule, Update
 from lowrank_optim.validation import (
     as_real,
     check_beta,
@@ -32,6 +32,20 @@ class Adafactor(Rule):
     """
 
     name = "adafactor"
+    moments = (
+        Moment("exp_avg", float32=True, when=lambda grad, group: group["beta1"] is not None),
+        Moment("exp_avg_sq_row", reduced=-1, signed=False, float32=True,
+               when=lambda grad, group: grad.dim() >= 2),
+        Moment("exp_avg_sq_col", reduced=-2, signed=False, float32=True,
+               when=lambda grad, group: grad.dim() >= 2),
+        Moment("exp_avg_sq", signed=False, float32=True, when=lambda grad, group: grad.dim() < 2),
+    )
+    hyperparameters = ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
+                       "scale_parameter", "relative_step", "warmup_init")
+    #: ``transformers.Adafactor``'s
+    defaults = {"lr": None, "eps": (1e-30, 1e-3), "clip_threshold": 1.0, "decay_rate": -0.8,
+                "beta1": None, "weight_decay": 0.0, "scale_parameter": True,
+                "relative_step": True, "warmup_init": False}
 
     def validate(self, group: dict) -> None:
         lr = group["lr"]
@@ -75,14 +89,6 @@ class Adafactor(Rule):
     def update(self, low: torch.Tensor, state: dict, group: dict, param: torch.Tensor) -> Update:
         grad = low.float() if low.dtype in (torch.float16, torch.bfloat16) else low
         factored = grad.dim() >= 2
-        if "exp_avg_sq_row" not in state and "exp_avg_sq" not in state:
-            if group["beta1"] is not None:
-                state["exp_avg"] = torch.zeros_like(grad)
-            if factored:
-                state["exp_avg_sq_row"] = grad.new_zeros(grad.shape[:-1])
-                state["exp_avg_sq_col"] = grad.new_zeros(grad.shape[:-2] + grad.shape[-1:])
-            else:
-                state["exp_avg_sq"] = torch.zeros_like(grad)
         step = float(state["step"])
         param_rms = _rms(param.float()) if group["scale_parameter"] else None
         lr = self._lr(group, step, param_rms)

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
-from lowrank_optim import kernels, quantization
-from lowrank_optim.rules.base import Rule, Update
+from lowrank_optim import kernels
+from lowrank_optim.rules import lowbit
+from lowrank_optim.rules.base import Moment, Rule, Update
 from lowrank_optim.validation import check_betas, check_choice, check_lr, check_nonneg
 
 FORMULAS = ("galore", "torch")
-#: the two moments and whether each uses the signed quantisation table
-MOMENTS = {name: quantization.is_signed(name) for name in ("exp_avg", "exp_avg_sq")}
 
 
 class Adam(Rule):
@@ -27,7 +25,7 @@ class Adam(Rule):
     The moment update and the direction are :func:`lowrank_optim.kernels.adam_update` (one
     fused kernel on CUDA).
 
-    Low-bit state, from the group keys of :data:`lowrank_optim.quantization.DEFAULTS`:
+    Low-bit state, from the group keys of :data:`lowrank_optim.rules.lowbit.DEFAULTS`:
     ``bits`` (32 default, or 8), ``block_size`` (256), ``code`` (``"dynamic"`` or
     ``"linear"``) and ``min_8bit_size`` (4096).  With ``bits=8`` each moment tensor of at
     least ``min_8bit_size`` elements (the *low-rank* moment for projected weights) is stored as
@@ -45,7 +43,15 @@ class Adam(Rule):
     """
 
     name = "adam"
-    structure_keys = {key: quantization.DEFAULTS[key] for key in ("bits", "block_size", "code")}
+    moments = (Moment("exp_avg"), Moment("exp_avg_sq", signed=False))
+    elementwise = True
+    bits = (32, 8)
+    fused_lowbit = True
+    hyperparameters = ("lr", "betas", "eps", "weight_decay", "correct_bias", "formula",
+                       *lowbit.DEFAULTS)
+    #: ``torch.optim.AdamW``'s
+    defaults = {"lr": 1e-3, "betas": (0.9, 0.999), "eps": 1e-8, "weight_decay": 1e-2,
+                "correct_bias": True, "formula": "torch", **lowbit.DEFAULTS}
 
     def validate(self, group: dict) -> None:
         check_lr(group["lr"])
@@ -56,25 +62,9 @@ class Adam(Rule):
         if not isinstance(group["correct_bias"], bool):
             raise ValueError(f"Invalid correct_bias={group['correct_bias']!r}: pass True or "
                              "False.")
-        quantization.check_settings(group)
-
-    @staticmethod
-    def init_state(low: torch.Tensor, state: dict, group: dict) -> None:
-        """Zero moments for a gradient like ``low``: 8-bit when ``group`` asks for it and
-        ``low`` has at least ``min_8bit_size`` elements, else in ``low``'s dtype."""
-        if not quantization.use_8bit(group, low.numel()):
-            for name in MOMENTS:
-                state[name] = torch.zeros_like(low, memory_format=torch.contiguous_format)
-            return
-        _, block_size, code, _ = quantization.settings(group)
-        for name, signed in MOMENTS.items():
-            codes, absmax = quantization.zeros(low.shape, low.device, block_size, code, signed)
-            state[name + quantization.CODES_SUFFIX] = codes
-            state[name + quantization.ABSMAX_SUFFIX] = absmax
+        super().validate(group)
 
     def update(self, low: torch.Tensor, state: dict, group: dict, param: torch.Tensor) -> Update:
-        if "exp_avg" not in state and "exp_avg_codes" not in state:
-            self.init_state(low, state, group)
         beta1, beta2 = group["betas"]
         lr, eps, step = group["lr"], group["eps"], float(state["step"])
         bias1 = 1.0 - beta1**step
@@ -92,24 +82,11 @@ class Adam(Rule):
         step_size = lr * math.sqrt(bias2) / bias1 if group["correct_bias"] else lr
         return Update(direction, -step_size, decay=lr * group["weight_decay"], decay_first=False)
 
-    def check_state(self, state: dict, group: dict, label: str | Callable[[], str]) -> None:
-        """8-bit moments must have one absmax per ``block_size`` elements."""
-        if "exp_avg_codes" not in state:
-            return
-        _, block_size, _, _ = quantization.settings(group)
-        absmax, numel = state["exp_avg_absmax"], state["exp_avg_codes"].numel()
-        if absmax.numel() != quantization.num_blocks(numel, block_size):
-            label = label() if callable(label) else label
-            raise ValueError(
-                f"{label}: 8-bit Adam state has {absmax.numel()} blocks for {numel} elements, "
-                f"which does not match block_size={block_size}: the state was created with "
-                "another block_size; keep the block_size it was saved with.")
-
     @staticmethod
     def _update_8bit(low: torch.Tensor, state: dict, group: dict, beta1: float, beta2: float,
                      eps: float, formula: str, bias2: float) -> torch.Tensor:
-        _, block_size, code, _ = quantization.settings(group)
-        absmax = state["exp_avg_absmax"]
-        return kernels.adam_update_8bit(
-            low, state["exp_avg_codes"], absmax, state["exp_avg_sq_codes"],
-            state["exp_avg_sq_absmax"], beta1, beta2, eps, formula, bias2, block_size, code)
+        _, block_size, code, _ = lowbit.settings(group)
+        m_codes, m_absmax = (state[k] for k in lowbit.storage_keys("exp_avg"))
+        v_codes, v_absmax = (state[k] for k in lowbit.storage_keys("exp_avg_sq"))
+        return kernels.adam_update_8bit(low, m_codes, m_absmax, v_codes, v_absmax, beta1,
+                                        beta2, eps, formula, bias2, block_size, code)

@@ -1,12 +1,84 @@
-"""The inner-rule interface: what is done inside the (possibly low-rank) space."""
+"""The inner-rule interface: what is done inside the (possibly low-rank) space.
+
+A rule owns its optimizer state.  It declares the moments it keeps (:class:`Moment`: name,
+which axes of the gradient each keeps, signed or unsigned 8-bit table) and its capabilities
+(:attr:`Rule.elementwise`, :attr:`Rule.bits`, :attr:`Rule.hyperparameters`); from that
+declaration the base class creates the state, stores it in 8 bits where the group asks
+(:mod:`lowrank_optim.rules.lowbit`), checks a loaded state, names each entry's memory category,
+and re-expresses the moments when a projector changes the subspace (:meth:`Rule.map_moments`).
+Projectors, engines and memory accounting use these methods and never a rule's key names.
+"""
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
+
+from lowrank_optim.rules import lowbit
+
+#: ``fn(tensor, axis)`` of :meth:`Rule.map_moments`: the tensor re-expressed along ``axis``
+MomentMap = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Moment:
+    """One state tensor a rule keeps per parameter, computed from the (low-rank) gradient.
+
+    Parameters
+    ----------
+    name
+        State key (the plain, 32-bit entry; 8-bit storage adds ``_codes`` / ``_absmax``).
+    reduced
+        Axis of the gradient the moment averages away (Adafactor's row statistic: ``-1``; its
+        column statistic: ``-2``); ``None``: the gradient's shape.
+    signed
+        Whether the values can be negative (8-bit: the signed table; second moments are
+        unsigned).
+    float32
+        Kept in fp32 for half-precision (fp16, bf16) gradients; else in the gradient's dtype.
+    when
+        ``when(grad, group)``: whether this moment exists for that gradient and group (e.g.
+        only with ``beta1``, only for matrices); ``None``: always.
+    """
+
+    name: str
+    reduced: int | None = None
+    signed: bool = True
+    float32: bool = False
+    when: Callable[[torch.Tensor, dict], bool] | None = None
+
+    def applies(self, grad: torch.Tensor, group: dict) -> bool:
+        """Whether the moment exists for ``grad`` under ``group``."""
+        return self.when is None or bool(self.when(grad, group))
+
+    def shape(self, grad: torch.Tensor) -> tuple[int, ...]:
+        """The moment's shape for a gradient like ``grad``."""
+        shape = tuple(grad.shape)
+        if self.reduced is None:
+            return shape
+        return shape[: self.reduced % len(shape)] + shape[self.reduced % len(shape) + 1:]
+
+    def axis_of(self, axis: int, ndim: int) -> int | None:
+        """Position of gradient axis ``axis`` (of an ``ndim``-D gradient) in this moment, or
+        ``None`` if the moment averages it away."""
+        axis %= ndim
+        if self.reduced is None:
+            return axis
+        reduced = self.reduced % ndim
+        if axis == reduced:
+            return None
+        return axis if axis < reduced else axis - 1
+
+    def zeros(self, grad: torch.Tensor) -> torch.Tensor:
+        """A zero moment for ``grad`` in the declared dtype (contiguous)."""
+        half = grad.dtype in (torch.float16, torch.bfloat16)
+        dtype = torch.float32 if self.float32 and half else grad.dtype
+        return torch.zeros(self.shape(grad), dtype=dtype, device=grad.device)
 
 
 @dataclass
@@ -27,26 +99,117 @@ class Update:
 class Rule(ABC):
     """An optimizer rule that works on any tensor, full-size or low-rank.
 
-    Moment tensors it keeps in ``state`` use keys starting with ``exp_`` (memory accounting
-    counts them as moments).  ``state["step"]`` is already incremented when :meth:`update` runs.
+    A subclass declares :attr:`moments`, its capabilities and :attr:`hyperparameters`, checks
+    a group in :meth:`validate` and implements :meth:`update` on plain (32-bit) moments; the
+    base class does the rest.  ``state["step"]`` is already incremented when :meth:`update`
+    runs.  A rule whose :attr:`bits` include 8 gets 8-bit moments for free (dequantised
+    around :meth:`update`); one with a fused 8-bit kernel sets :attr:`fused_lowbit` and
+    handles quantised entries in :meth:`update` itself (:class:`~lowrank_optim.rules.Adam`).
     """
 
-    name: str = ""
-    #: group keys (with their defaults) that define the layout of this rule's state: a saved
-    #: state only loads into groups with the same values (``load_state_dict``)
-    structure_keys: dict[str, object] = {}
+    #: registry and structure name, e.g. ``"adam"``
+    name: ClassVar[str] = ""
+    #: the state tensors this rule keeps per parameter
+    moments: ClassVar[tuple[Moment, ...]] = ()
+    #: whether the update of each element depends on that element alone (then a row shard's
+    #: step equals the unsharded one: FSDP2 can run it)
+    elementwise: ClassVar[bool] = False
+    #: state precisions this rule supports (a group's ``bits`` key)
+    bits: ClassVar[tuple[int, ...]] = (32,)
+    #: whether :meth:`update` handles 8-bit moments itself (a fused kernel)
+    fused_lowbit: ClassVar[bool] = False
+    #: the group keys of this rule's hyper-parameters, in the optimizers' signature order
+    hyperparameters: ClassVar[tuple[str, ...]] = ()
+    #: default values of :attr:`hyperparameters` (used by
+    #: :func:`lowrank_optim.optim.compose`; the hand-written classes keep their own)
+    defaults: ClassVar[dict[str, object]] = {}
 
-    @abstractmethod
+    @property
+    def structure_keys(self) -> dict[str, object]:
+        """Group keys (with defaults) that define the layout of this rule's state: a saved
+        state only loads into groups with the same values (``load_state_dict``)."""
+        if 8 not in self.bits:
+            return {}
+        return {k: lowbit.DEFAULTS[k] for k in ("bits", "block_size", "code")}
+
+    # -- hyper-parameters -----------------------------------------------------------------
     def validate(self, group: dict) -> None:
-        """Raise ``ValueError`` on bad hyper-parameters in ``group``."""
+        """Raise ``ValueError`` on bad hyper-parameters in ``group``; the base checks ``bits``
+        against :attr:`bits` and the low-bit keys."""
+        bits = group.get("bits", 32)
+        if isinstance(bits, bool) or bits not in self.bits:
+            if 8 in self.bits:
+                lowbit.check_settings(group)  # its message lists the choices
+            raise ValueError(
+                f"Invalid bits={bits!r} for the {self.name!r} rule: it supports "
+                f"{' or '.join(map(str, self.bits))}-bit state. Drop `bits`, or use an "
+                "Adam-based optimizer (GaLoreAdamW8bit, DCTAdamW(bits=8), SSTAdamW(bits=8)) "
+                "for 8-bit moments.")
+        if 8 in self.bits:
+            lowbit.check_settings(group)
 
-    def check_state(self, state: dict, group: dict, label: str | Callable[[], str]) -> None:
-        """Raise ``ValueError`` if ``state`` cannot be stepped under ``group``'s settings
-        (called for every parameter before a step changes anything).  Default: no check."""
-        return None
+    # -- state ----------------------------------------------------------------------------
+    def has_state(self, state: dict) -> bool:
+        """Whether ``state`` already holds this rule's moments (plain or 8-bit)."""
+        return any(m.name in state or lowbit.storage_keys(m.name)[0] in state
+                   for m in self.moments)
+
+    def init_state(self, grad: torch.Tensor, state: dict, group: dict) -> None:
+        """Zero moments for a gradient like ``grad``: 8-bit when the group asks for it (and
+        this rule supports it) and the moment has at least ``min_8bit_size`` elements."""
+        low_bit = 8 in self.bits
+        for m in self.moments:
+            if not m.applies(grad, group):
+                continue
+            if low_bit and lowbit.use_8bit(group, math.prod(m.shape(grad))):
+                lowbit.init(state, m, grad, group)
+            else:
+                state[m.name] = m.zeros(grad)
+
+    def step(self, low: torch.Tensor, state: dict, group: dict, param: torch.Tensor) -> Update:
+        """Create the state if needed, then :meth:`update` (on dequantised moments unless the
+        rule has :attr:`fused_lowbit`).  What the core calls."""
+        if not self.has_state(state):
+            self.init_state(low, state, group)
+        if self.fused_lowbit or 8 not in self.bits:
+            return self.update(low, state, group, param)
+        with lowbit.dequantized(state, group, self.moments):
+            return self.update(low, state, group, param)
 
     @abstractmethod
     def update(
         self, low: torch.Tensor, state: dict, group: dict, param: torch.Tensor
     ) -> Update:
         """Advance the moments with ``low`` and return the step to apply."""
+
+    def map_moments(self, state: dict, group: dict, axis: int, fn: MomentMap) -> None:
+        """Re-express the moments after the subspace changed along gradient axis ``axis``.
+
+        Every moment that keeps that axis is replaced, in place, by ``fn(moment, position)``
+        (``position``: where the axis lies in the moment); moments that average it away are
+        left alone.  8-bit moments are dequantised, mapped and requantised.  Projectors call
+        this on a refresh (DCT: rotate the moments into the new selection).
+        """
+        with lowbit.dequantized(state, group, self.moments):
+            for m in self.moments:
+                value = state.get(m.name)
+                if value is None:
+                    continue
+                ndim = value.dim() + (m.reduced is not None)
+                position = m.axis_of(axis, ndim)
+                if position is not None:
+                    value.copy_(fn(value, position))
+
+    def state_categories(self) -> dict[str, str]:
+        """Memory category (``"moments"``) of every state key this rule may create."""
+        keys = [m.name for m in self.moments]
+        if 8 in self.bits:
+            keys += [k for m in self.moments for k in lowbit.storage_keys(m.name)]
+        return dict.fromkeys(keys, "moments")
+
+    def check_state(self, state: dict, group: dict, label: str | Callable[[], str]) -> None:
+        """Raise ``ValueError`` if ``state`` cannot be stepped under ``group``'s settings
+        (called for every parameter before a step changes anything): 8-bit moments need one
+        scale per ``block_size`` elements."""
+        if 8 in self.bits and lowbit.quantized(state, self.moments):
+            lowbit.check_blocks(state, self.moments, group, label)

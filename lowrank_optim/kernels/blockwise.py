@@ -38,36 +38,19 @@ This module is the specification: :func:`lowrank_optim.kernels.quantize_blockwis
 Triton kernels (:mod:`lowrank_optim.kernels.triton_quant`) read the same :func:`table` and
 :func:`midpoints`.
 
-Optimizer-state convention (used by :class:`lowrank_optim.rules.Adam` with ``bits=8``): a
-moment ``name`` is stored as ``name + "_codes"`` (uint8, the moment's shape) and
-``name + "_absmax"`` (fp32, ``ceil(numel / block_size)``); both keys start with ``exp_``, so
-memory accounting counts them as moments.  Second moments (names ending in ``_sq``) use the
-unsigned table, everything else the signed one (:func:`is_signed`).  The settings live in
-the param group (:data:`DEFAULTS`, checked by :func:`check_settings`).
+The low-bit optimizer-state layout built on these codes (which entries, which table, the
+param-group keys) is :mod:`lowrank_optim.rules.lowbit`.  This module imports nothing from
+the rest of the package.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager
 from functools import cache
-from typing import Any
 
 import torch
 
-from lowrank_optim.validation import check_choice, check_int_at_least
-
 CODES = ("dynamic", "linear")
-#: state precisions a param group may ask for with its ``bits`` key
-BITS = (8, 32)
-#: group keys of low-bit optimizer state and their defaults (as in bitsandbytes: tensors with
-#: fewer than ``min_8bit_size`` elements keep 32-bit state)
-DEFAULTS: dict[str, Any] = {"bits": 32, "block_size": 256, "code": "dynamic",
-                            "min_8bit_size": 4096}
-#: suffixes of the two state entries that hold one quantised tensor
-CODES_SUFFIX = "_codes"
-ABSMAX_SUFFIX = "_absmax"
 
 
 @cache
@@ -285,43 +268,6 @@ def adam_direction_bounds(
     return corners.amin(0), corners.amax(0)
 
 
-def nbytes(numel: int, block_size: int) -> int:
-    """Bytes of one quantised tensor: codes + fp32 absmax."""
-    return numel + 4 * num_blocks(numel, block_size)
-
-
-# -- low-bit optimizer state -------------------------------------------------------------------
-def check_settings(group: dict) -> None:
-    """Raise ``ValueError`` naming the key when a group's low-bit settings are invalid.
-
-    Keys (absent ones take :data:`DEFAULTS`): ``bits`` in :data:`BITS`, ``block_size`` an
-    integer >= 1, ``code`` in :data:`CODES`, ``min_8bit_size`` an integer >= 0.
-    """
-    bits, block_size, code, min_size = settings(group)
-    if isinstance(bits, bool) or bits not in BITS:
-        raise ValueError(f"Invalid bits={bits!r}: choose 32 (full-precision state) or 8 "
-                         "(block-wise quantised moments).")
-    check_int_at_least("block_size", block_size, 1)
-    check_choice("code", code, CODES)
-    check_int_at_least("min_8bit_size", min_size, 0)
-
-
-def settings(group: dict) -> tuple[int, int, str, int]:
-    """``(bits, block_size, code, min_8bit_size)`` of a param group, defaults filled in."""
-    return tuple(group.get(key, default) for key, default in DEFAULTS.items())  # type: ignore
-
-
-def is_signed(name: str) -> bool:
-    """Whether state entry ``name`` uses the signed table: all but second moments (``*_sq``)."""
-    return not name.endswith("_sq")
-
-
-def use_8bit(group: dict, numel: int) -> bool:
-    """Whether a new state tensor of ``numel`` elements is quantised under ``group``'s keys."""
-    bits, _, _, min_size = settings(group)
-    return bits == 8 and numel >= min_size
-
-
 def zeros(
     shape: torch.Size | tuple[int, ...], device: torch.device, block_size: int, code: str,
     signed: bool,
@@ -333,38 +279,6 @@ def zeros(
     return codes, absmax
 
 
-def quantized_names(state: dict) -> list[str]:
-    """Names of the quantised tensors in ``state`` (entries ``name_codes`` + ``name_absmax``)."""
-    return [key[: -len(CODES_SUFFIX)] for key in state
-            if key.endswith(CODES_SUFFIX)
-            and key[: -len(CODES_SUFFIX)] + ABSMAX_SUFFIX in state]
-
-
-@contextmanager
-def dequantized(state: dict, group: dict) -> Iterator[dict]:
-    """Show the quantised moments of ``state`` as fp32 tensors under their plain names.
-
-    Inside the ``with`` block ``state[name]`` is the dequantised fp32 ``name`` (for code that
-    transforms moments in place, e.g. a projector rotating them into a new subspace); on exit
-    each is requantised into its ``name_codes`` / ``name_absmax`` entries and removed again.
-    A state without quantised entries is left alone.  Uses the kernel dispatch (Triton on
-    CUDA).
-    """
-    from lowrank_optim import kernels  # kernels' torch path imports this module
-
-    names = quantized_names(state)
-    if not names:
-        yield state
-        return
-    _, block_size, code, _ = settings(group)
-    for name in names:
-        state[name] = kernels.dequantize_blockwise(
-            state[name + CODES_SUFFIX], state[name + ABSMAX_SUFFIX], block_size, code,
-            is_signed(name))
-    try:
-        yield state
-    finally:
-        for name in names:
-            kernels.quantize_blockwise(
-                state.pop(name), block_size, code, is_signed(name),
-                out=(state[name + CODES_SUFFIX], state[name + ABSMAX_SUFFIX]))
+def nbytes(numel: int, block_size: int) -> int:
+    """Bytes of one quantised tensor: codes + fp32 absmax."""
+    return numel + 4 * num_blocks(numel, block_size)
