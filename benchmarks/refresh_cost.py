@@ -15,10 +15,10 @@ before timing (once per size for the whole model) and its build time is reported
 State bytes per layer come from :func:`lowrank_optim.memory.state_bytes` after one real
 optimizer step (moments + projector or indices); the DCT basis is listed once per size.
 
-    python benchmarks/refresh_cost.py                 # all shapes (~2 min on 2 idle cores)
-    python benchmarks/refresh_cost.py --svd-max 2048  # skip the 4096-row SVDs (~70 s of it)
-    python benchmarks/refresh_cost.py --quick         # up to 2048 x 2048 only (~15 s)
-    python benchmarks/refresh_cost.py --shapes 1024x1024,4096x11008 --repeats 5
+    python -m benchmarks.refresh_cost                 # all shapes (~2 min on 2 idle cores)
+    python -m benchmarks.refresh_cost --svd-max 2048  # skip the 4096-row SVDs (~70 s of it)
+    python -m benchmarks.refresh_cost --quick         # up to 2048 x 2048 only (~15 s)
+    python -m benchmarks.refresh_cost --shapes 1024x1024,4096x11008 --repeats 5
 
 Results go to ``benchmarks/results/refresh_cost_cpu.md`` (``--no-write`` prints only).  Wall
 times on a shared machine move with its load; the 1-minute load average is recorded.
@@ -32,9 +32,9 @@ import statistics
 import time
 
 import torch
-from _common import write_result
 
 import lowrank_optim as lo
+from benchmarks._common import write_result
 from lowrank_optim.memory import state_bytes
 
 #: (rows, cols) of LLaMA weights and the GaLore paper's rank for that model size
@@ -88,7 +88,7 @@ def measure(shape: tuple[int, int], rank: int, svd_max: int, repeats: int, slow_
             opt.projector.basis(n, grad.device, grad.dtype)
             row["basis build s"] = time.perf_counter() - t0
         def refresh(opt=opt, group=group, state=state) -> None:
-            opt.projector.refresh(grad, state, group)
+            opt.projector.refresh(grad, state, group, opt.rule)
 
         seconds, runs = time_refresh(refresh, repeats, slow_s)
         # one real step on the refreshed subspace (gap None: no second refresh) for the bytes

@@ -1,64 +1,23 @@
 """8-bit state kernels: dispatch and the Triton kernels against the torch path (interpreter).
 
 The torch path of ``kernels.quantize_blockwise`` / ``dequantize_blockwise`` *is*
-:mod:`lowrank_optim.quantization` (its error bounds are tested in ``test_quantization.py``).
-The Triton kernels run under ``TRITON_INTERPRET=1`` with the same in-process / fresh-subprocess
-arrangement as ``test_kernels_triton.py`` (Triton picks interpreter or compiler when it is
-imported).  Codes may differ from the torch path by one level where a value lies on a midpoint
+:mod:`lowrank_optim.kernels.blockwise` (its error bounds are tested in ``test_quantization.py``).
+The Triton kernels run under ``TRITON_INTERPRET=1``: marked ``interpret``, like
+``test_kernels_triton.py``, they are deselected by a plain pytest run and run by one of their own
+(``TRITON_INTERPRET=1 python -m pytest -m interpret``: Triton picks interpreter or compiler when
+it is imported).  Codes may differ from the torch path by one level where a value lies on a midpoint
 (fp32 rounding), so dequantised values are compared with the documented bound.
 """
 
-import os
-import re
-import subprocess
-import sys
+import pytest
+import torch
 
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
+from lowrank_optim import kernels
+from lowrank_optim.kernels import blockwise as q
+from lowrank_optim.kernels import reference
+from lowrank_optim.kernels.dispatch import triton_available
 
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from lowrank_optim import kernels  # noqa: E402
-from lowrank_optim import quantization as q  # noqa: E402
-from lowrank_optim.kernels import reference  # noqa: E402
-from lowrank_optim.kernels.dispatch import interpreter_enabled, triton_available  # noqa: E402
-
-
-def _triton_is_interpreted() -> bool:
-    if not triton_available():
-        return False
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return interpreter_enabled() and isinstance(tl.standard.cdiv, InterpretedFunction)
-
-
-IN_PROCESS = _triton_is_interpreted()
-SUBPROCESS_TEST = "test_triton_quant_in_fresh_interpreter_process"
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
-
-
-@pytest.fixture
-def interpreted():
-    if not IN_PROCESS:
-        pytest.skip(f"triton was imported without TRITON_INTERPRET=1 earlier in this process: "
-                    f"these tests run in a subprocess ({SUBPROCESS_TEST})")
-
-
-@needs_triton
-@pytest.mark.skipif(IN_PROCESS, reason="the Triton tests run in this process")
-def test_triton_quant_in_fresh_interpreter_process():
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k",
-         "triton"],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-    )
-    tail = result.stdout[-6000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    assert result.returncode == 0, tail
-    assert re.match(r"^\d+ passed, 1 skipped, \d+ deselected in ", summary), tail
 
 
 M, N = 37, 53  # every block partial for the block sizes below
@@ -134,11 +93,12 @@ def test_adam_8bit_direction_in_grad_dtype():
 
 
 # -- Triton kernels under the interpreter ------------------------------------------------------
+@pytest.mark.interpret
 @needs_triton
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("signed", [True, False])
 @pytest.mark.parametrize("code", q.CODES)
-def test_triton_quantize_matches_torch(interpreted, code, signed, block):
+def test_triton_quantize_matches_torch(code, signed, block):
     x = rand(M, N, seed=6)
     x = x if signed else x.square()
     x[0, :5] = 0.0  # exact zeros, and an outlier that squeezes its block into small codes
@@ -156,8 +116,9 @@ def test_triton_quantize_matches_torch(interpreted, code, signed, block):
                                                        backend="torch"))
 
 
+@pytest.mark.interpret
 @needs_triton
-def test_triton_quantize_bf16_input_and_out(interpreted):
+def test_triton_quantize_bf16_input_and_out():
     x = rand(M, N, seed=7, dtype=torch.bfloat16)
     out = q.zeros(x.shape, x.device, 64, "dynamic", True)
     got = kernels.quantize_blockwise(x, 64, out=out, backend="triton")
@@ -168,11 +129,12 @@ def test_triton_quantize_bf16_input_and_out(interpreted):
     assert kernels.dequantize_blockwise(*got, 64, out=dq, backend="triton") is dq
 
 
+@pytest.mark.interpret
 @needs_triton
 @pytest.mark.parametrize("block", BLOCKS)
 @pytest.mark.parametrize("formula", ["galore", "torch"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_triton_adam_8bit_matches_torch(interpreted, dtype, formula, block):
+def test_triton_adam_8bit_matches_torch(dtype, formula, block):
     grad = rand(M, N, seed=8, dtype=dtype)
     m0 = q.quantize(rand(M, N, seed=9) * 0.1, block, signed=True)
     v0 = q.quantize(rand(M, N, seed=10).square() * 0.01, block, signed=False)
@@ -203,8 +165,9 @@ def test_triton_adam_8bit_matches_torch(interpreted, dtype, formula, block):
     assert not torch.equal(tri_m[0], m0[0]), "the moments did not change: vacuous"
 
 
+@pytest.mark.interpret
 @needs_triton
-def test_triton_optimizer_8bit_steps_match_torch(interpreted, monkeypatch):
+def test_triton_optimizer_8bit_steps_match_torch(monkeypatch):
     """GaLoreAdamW with bits=8 (projected, unprojected, 1-D kept 32-bit) on both backends, and
     the step really runs the fused Triton kernel."""
     import lowrank_optim as lo
@@ -220,16 +183,19 @@ def test_triton_optimizer_8bit_steps_match_torch(interpreted, monkeypatch):
     monkeypatch.setattr(triton_quant, "adam_update_8bit", spy)
 
     def train(backend: str) -> list[torch.Tensor]:
-        monkeypatch.setenv(kernels.ENV_VAR, backend)
+        previous = kernels.set_backend(backend)
         params = [rand(M, N, seed=11).requires_grad_(), rand(48, 40, seed=12).requires_grad_(),
                   rand(N, seed=13).requires_grad_()]
         opt = lo.GaLoreAdamW([{"params": params[:1], "rank": 5, "update_proj_gap": 2},
                               {"params": params[1:]}], lr=1e-2, weight_decay=0.1, bits=8,
                              block_size=64, min_8bit_size=100)
-        for step in range(3):
-            for i, p in enumerate(params):
-                p.grad = rand(*p.shape, seed=100 * step + i)
-            opt.step()
+        try:
+            for step in range(3):
+                for i, p in enumerate(params):
+                    p.grad = rand(*p.shape, seed=100 * step + i)
+                opt.step()
+        finally:
+            kernels.set_backend(previous)
         assert "exp_avg_codes" in opt.state[params[0]] and "exp_avg" in opt.state[params[2]]
         return [p.detach() for p in params]
 
