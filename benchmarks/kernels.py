@@ -5,10 +5,10 @@ For every kernel the table gives the median time, the FLOP rate (GEMMs) and the 
 bandwidth (the minimum bytes the operation must move, divided by the time; the same numerator
 for every implementation), and the speed-up against the torch reference as a ratio.
 
-    python benchmarks/kernels.py                  # CUDA GPU: Triton vs torch, fp32 and bf16
-    python benchmarks/kernels.py --dtype bf16     # one dtype
-    python benchmarks/kernels.py --write          # also writes results/kernels_<gpu>.md
-    python benchmarks/kernels.py --cpu-reference  # no GPU: times the torch path on the CPU at
+    python -m benchmarks.kernels                  # CUDA GPU: Triton vs torch, fp32 and bf16
+    python -m benchmarks.kernels --dtype bf16     # one dtype
+    python -m benchmarks.kernels --write          # also writes results/kernels_<gpu>.md
+    python -m benchmarks.kernels --cpu-reference  # no GPU: times the torch path on the CPU at
                                                   # small shapes (exercises the script)
 
 Without CUDA (and without ``--cpu-reference``) it prints why and exits 0.
@@ -24,8 +24,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-from _common import machine, write_result
 
+from benchmarks._common import machine, write_result
 from lowrank_optim import kernels
 from lowrank_optim.kernels import reference
 

@@ -4,7 +4,7 @@ For each optimizer, one after another, this runs the recipe exactly as ``recipes
 does (one process, fp32, ``OMP_NUM_THREADS=1``)::
 
     accelerate launch --config_file recipes/accelerate/single.yaml --num_processes 1 \\
-        --mixed_precision no recipes/pretrain.py --config recipes/configs/tiny.yaml \\
+        --mixed_precision no -m recipes.pretrain --config recipes/configs/tiny.yaml \\
         --optimizer NAME --output-dir runs/loss_curves/NAME --max-steps STEPS \\
         --log-every 1 --eval-every EVAL --seed SEED --progress false --report-to none
 
@@ -16,9 +16,9 @@ and the periodic validation loss come from the recipe's ``metrics.jsonl``; the f
 Outputs: ``benchmarks/results/loss_curves_<dev>.md`` (table, ratios against AdamW) and
 ``loss_curves_<dev>.png`` (smoothed train loss as lines, validation loss as markers).
 
-    python benchmarks/loss_curves.py              # 300 steps (tiny.yaml's), ~2-4 min on 2 cores
-    python benchmarks/loss_curves.py --quick      # 60 steps; writes only under --output-dir
-    python benchmarks/loss_curves.py --optimizers adamw galore_adamw --steps 100
+    python -m benchmarks.loss_curves              # 300 steps (tiny.yaml's), ~2-4 min on 2 cores
+    python -m benchmarks.loss_curves --quick      # 60 steps; writes only under --output-dir
+    python -m benchmarks.loss_curves --optimizers adamw galore_adamw --steps 100
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RESULTS, write_result
+
+from benchmarks._common import RESULTS, write_result
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -92,11 +93,12 @@ def run_recipe(name: str, args: list[str]) -> float:
     """
     launcher = ["--config_file", str(RECIPES / "accelerate" / "single.yaml"),
                 "--num_processes", "1", "--mixed_precision", "no"]
+    # `python -m recipes.pretrain`, run from the repository root: the package of this checkout
     cmd = [sys.executable, "-m", "accelerate.commands.launch", *launcher,
-           str(RECIPES / "pretrain.py"), *args]
+           "-m", "recipes.pretrain", *args]
     # tiny matrices: one BLAS thread per process is faster than several on 2 cores
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    print(f"\n[{name}] $ accelerate launch {' '.join(launcher)} recipes/pretrain.py "
+    print(f"\n[{name}] $ accelerate launch {' '.join(launcher)} -m recipes.pretrain "
           f"{' '.join(args)}", flush=True)
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
@@ -214,8 +216,7 @@ def plot(runs: dict[str, dict[str, Any]], steps: int, path: Path) -> bool:
 
 def resolved_settings(args: list[str]) -> Any:
     """The recipe's configuration for these flags (defaults < tiny.yaml < overrides < flags)."""
-    sys.path.insert(0, str(RECIPES))
-    from pretrain import parse_args  # the recipe's own merge, so the table shows what ran
+    from recipes.pretrain import parse_args  # the recipe's own merge: the table shows what ran
 
     return parse_args(args)
 

@@ -13,9 +13,9 @@ on the unprojected weights, and galore-torch's ``GaLoreAdamW8bit`` against our 8
 each only if it can run on this device (galore-torch's class calls ``torch.cuda.synchronize()``
 every step, so it cannot run on a CPU-only torch: the table says so).  Neither is required.
 
-    python benchmarks/quant8bit.py              # 60m block, writes results/quant8bit_<dev>.md
-    python benchmarks/quant8bit.py --config 350m --repeats 9
-    python benchmarks/quant8bit.py --quick      # fewer repeats, no file written
+    python -m benchmarks.quant8bit              # 60m block, writes results/quant8bit_<dev>.md
+    python -m benchmarks.quant8bit --config 350m --repeats 9
+    python -m benchmarks.quant8bit --quick      # fewer repeats, no file written
 
 It ends with the LLaMA-7B state table of the analytic profiler (exact bytes, meta tensors).
 """
@@ -28,9 +28,9 @@ import statistics
 from collections.abc import Callable
 
 import torch
-from _common import block_params, machine, median_time, write_result
 
 import lowrank_optim as lo
+from benchmarks._common import block_params, machine, median_time, write_result
 from lowrank_optim.memory import state_bytes
 from lowrank_optim.profile import profile
 

@@ -5,9 +5,9 @@ bytes per method (analytic profiler, exact) with the GaLore paper's 7B statement
 8-bit states, SST vs LoRA, loss curves of every method on the embedded corpus, Triton kernels
 (GPU only).  Every figure comes from a script run on the machine named in its section.
 
-    python benchmarks/report.py            # full runs (tens of minutes on 2 CPU cores)
-    python benchmarks/report.py --quick    # the scripts' quick modes
-    python benchmarks/report.py --only-collect   # rebuild REPORT.md from existing results
+    python -m benchmarks.report            # full runs (tens of minutes on 2 CPU cores)
+    python -m benchmarks.report --quick    # the scripts' quick modes
+    python -m benchmarks.report --only-collect   # rebuild REPORT.md from existing results
 """
 
 from __future__ import annotations
@@ -17,24 +17,24 @@ import subprocess
 import sys
 from pathlib import Path
 
-from _common import RESULTS, machine
+from benchmarks._common import RESULTS, machine
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 
-#: (script, args, args in --quick mode, result files it writes, section title)
+#: (module of ``benchmarks``, args, args in --quick mode, result files it writes, section title)
 SCRIPTS = [
-    ("step_time.py", [], ["--quick"], ["step_time_cpu.md", "step_time_cuda.md"],
+    ("step_time", [], ["--quick"], ["step_time_cpu.md", "step_time_cuda.md"],
      "Step time and state bytes vs torch AdamW and galore-torch"),
-    ("refresh_cost.py", [], ["--quick"], ["refresh_cost_cpu.md", "refresh_cost_cuda.md"],
+    ("refresh_cost", [], ["--quick"], ["refresh_cost_cpu.md", "refresh_cost_cuda.md"],
      "Subspace refresh cost: exact SVD vs DCT"),
-    ("quant8bit.py", [], ["--quick"], ["quant8bit_cpu.md", "quant8bit_cuda.md"],
+    ("quant8bit", [], ["--quick"], ["quant8bit_cpu.md", "quant8bit_cuda.md"],
      "8-bit optimizer states"),
-    ("sst_vs_lora.py", [], ["--quick"], ["sst_vs_lora_cpu.md"],
+    ("sst_vs_lora", [], ["--quick"], ["sst_vs_lora_cpu.md"],
      "Sparse Spectral Training vs LoRA vs full-rank AdamW"),
-    ("loss_curves.py", [], ["--quick"], ["loss_curves_cpu.md", "loss_curves_cuda.md"],
+    ("loss_curves", [], ["--quick"], ["loss_curves_cpu.md", "loss_curves_cuda.md"],
      "Loss curves on the embedded corpus"),
-    ("kernels.py", [], [], ["kernels_cuda.md", "kernels_cpu_reference.md"],
+    ("kernels", [], [], ["kernels_cuda.md", "kernels_cpu_reference.md"],
      "Triton kernels vs the unfused torch path"),
 ]
 
@@ -175,15 +175,17 @@ def paper_7b_section(adamw, galore, galore8) -> list[str]:
 
 
 def run_scripts(quick: bool) -> None:
-    for script, args, quick_args, _, _ in SCRIPTS:
-        if not (HERE / script).exists():
-            print(f"skip {script}: not present", flush=True)
+    """Each script as ``python -m benchmarks.<name>`` from the repository root."""
+    for name, args, quick_args, _, _ in SCRIPTS:
+        if not (HERE / f"{name}.py").exists():
+            print(f"skip {name}: not present", flush=True)
             continue
-        cmd = [sys.executable, str(HERE / script), *args, *(quick_args if quick else [])]
+        cmd = [sys.executable, "-m", f"benchmarks.{name}", *args,
+               *(quick_args if quick else [])]
         print("$", " ".join(cmd), flush=True)
-        done = subprocess.run(cmd, cwd=HERE, check=False)
+        done = subprocess.run(cmd, cwd=ROOT, check=False)
         if done.returncode:
-            print(f"warning: {script} exited with {done.returncode}", flush=True)
+            print(f"warning: benchmarks.{name} exited with {done.returncode}", flush=True)
 
 
 def state_bytes_section() -> str:
@@ -262,7 +264,6 @@ def main() -> None:
     args = ap.parse_args()
     if not args.only_collect:
         run_scripts(args.quick)
-    sys.path.insert(0, str(ROOT))
     report = collect([state_bytes_section()])
     path = RESULTS / "REPORT.md"
     path.write_text(report)

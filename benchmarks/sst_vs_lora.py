@@ -1,9 +1,9 @@
 """SST against LoRA (peft) at the same rank and full-rank AdamW: tiny-LLaMA pretraining on CPU.
 
-Model: the test suite's tiny LLaMA (``tests/conftest.py``: hidden 64, 2 layers) with a 32-token
+Model: the test suite's tiny LLaMA (``build_llama("tiny")``: hidden 64, 2 layers) with a 32-token
 vocabulary, trained from scratch with ``lm_loss``.  Data: a second-order Markov language, each
 next token a fixed random function of the previous two (1024 contexts, so the attention and MLP
-weights must learn a large lookup and the loss can go to 0).  The conftest motif task does not
+weights must learn a large lookup and the loss can go to 0).  The tests' motif task does not
 rank the methods: every method reaches its entropy floor (~0.20) within ~100 steps, and with the
 256-token vocabulary the fully trained embeddings and head carry most of the learning.
 
@@ -21,8 +21,8 @@ The score is the mean loss on held-out batches after training (SST scored after 
 "gap closed" is ``(loss_lora - loss_sst) / (loss_lora - loss_adamw)``, the paper's measure
 (100% = as good as full rank).
 
-    python benchmarks/sst_vs_lora.py            # 1500 steps, lr sweep, 3 seeds, writes results/
-    python benchmarks/sst_vs_lora.py --quick    # 400 steps, the default lrs, one seed
+    python -m benchmarks.sst_vs_lora            # 1500 steps, lr sweep, 3 seeds, writes results/
+    python -m benchmarks.sst_vs_lora --quick    # 400 steps, the default lrs, one seed
 """
 
 from __future__ import annotations
@@ -30,18 +30,14 @@ from __future__ import annotations
 import argparse
 import math
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import lm_loss, tiny_llama  # noqa: E402
-
-import lowrank_optim as lo  # noqa: E402
-from lowrank_optim import sst  # noqa: E402
-from lowrank_optim.memory import state_bytes  # noqa: E402
+import lowrank_optim as lo
+from lowrank_optim import sst
+from lowrank_optim.memory import state_bytes
+from lowrank_optim.model_configs import build_llama
 
 METHODS = ("adamw", "lora", "sst")
 VOCAB = 32
@@ -67,9 +63,14 @@ def order2_batches(n: int, batch: int = 4, seq: int = 32, vocab: int = VOCAB,
     return out
 
 
+def lm_loss(model, ids: torch.Tensor) -> torch.Tensor:
+    """Causal-LM loss of ``model`` on ``ids`` (labels = inputs, shifted inside the model)."""
+    return model(input_ids=ids, labels=ids).loss
+
+
 def build(method: str, rank: int, lr: float, sst_kwargs: dict | None = None, seed: int = 1):
     """``(model, optimizer, trained_per_step)`` for one method on a fresh tiny LLaMA."""
-    model = tiny_llama(seed=seed, vocab_size=VOCAB)
+    model = build_llama("tiny", seed=seed, vocab_size=VOCAB)
     betas = (0.9, 0.999)
     if method == "adamw":
         opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=betas, weight_decay=0.0)
@@ -215,7 +216,7 @@ def main() -> None:
     body = "\n".join(lines)
     print(body)
     if not args.quick:
-        from _common import write_result
+        from benchmarks._common import write_result
 
         print("wrote", write_result("sst_vs_lora_cpu", "SST vs LoRA vs AdamW (CPU)", body))
 

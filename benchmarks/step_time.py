@@ -7,8 +7,8 @@ refresh steps (new SVD) are timed separately, the optimizers taking turns, and c
 the amortised time of training with ``update_proj_gap`` (one refresh per gap).  Ratios are
 against galore-torch from the same run.
 
-    python benchmarks/step_time.py            # 60m and 350m, writes results/step_time_<dev>.md
-    python benchmarks/step_time.py --quick    # fewer steps
+    python -m benchmarks.step_time            # 60m and 350m, writes results/step_time_<dev>.md
+    python -m benchmarks.step_time --quick    # fewer steps
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ import statistics
 import time
 
 import torch
-from _common import block_params, machine, sync, write_result
 
 import lowrank_optim as lo
+from benchmarks._common import block_params, machine, sync, write_result
 from lowrank_optim.memory import state_bytes
 
 RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}

@@ -1,6 +1,6 @@
 """lowrank-optim: drop-in torch.optim optimizers with low-rank optimizer state."""
 
-from lowrank_optim import memory, sst
+from lowrank_optim import memory, schedules, sst
 from lowrank_optim.groups import param_groups
 from lowrank_optim.layerwise import LayerwiseOptimizer
 from lowrank_optim.optim import (
@@ -29,5 +29,6 @@ __all__ = [
     "create_optimizer",
     "memory",
     "param_groups",
+    "schedules",
     "sst",
 ]

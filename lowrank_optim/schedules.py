@@ -43,17 +43,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import difflib
 import logging
 import math
-import numbers
-from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
 from lowrank_optim.layerwise import LayerwiseOptimizer
 from lowrank_optim.optim.base import LowRankOptimizer
-from lowrank_optim.validation import check_int_at_least
+from lowrank_optim.validation import check_bool, check_int_at_least, check_real, did_you_mean
 
 __all__ = [
     "SCHEDULES",
@@ -69,29 +66,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("lowrank_optim")
-
-
-# -- argument checks (shared with trainer_callbacks) ------------------------------------------
-def did_you_mean(value: str, choices: Iterable[str]) -> str:
-    """`` Did you mean 'x'?`` for the closest of ``choices`` to ``value`` (empty if none is
-    close), to append to an error message."""
-    close = difflib.get_close_matches(str(value).lower(), list(choices), n=2, cutoff=0.6)
-    return f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-
-
-def check_bool(name: str, value: Any) -> None:
-    """``TypeError`` unless ``value`` is ``True`` or ``False`` (a string such as ``"no"`` is
-    truthy and would silently mean yes)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}.")
-
-
-def check_real(name: str, value: Any) -> float:
-    """``value`` as a float; ``TypeError`` for a string, a bool or anything not a real number
-    (``float("0.4")`` would pass and a string would reach the training loop)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
-    return float(value)
 
 
 def _check_unit(name: str, value: float | None) -> None:

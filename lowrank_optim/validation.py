@@ -6,8 +6,11 @@ with a message that names the offending parameter and says how to fix it.
 
 from __future__ import annotations
 
+import difflib
 import math
-from collections.abc import Callable, Sequence
+import numbers
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 
@@ -169,3 +172,26 @@ def check_grad(
 
 def _dtype(t: torch.Tensor) -> str:
     return str(t.dtype).replace("torch.", "")
+
+
+# -- settings of schedules and callbacks (TypeError for a value of the wrong type) -----------
+def did_you_mean(value: str, choices: Iterable[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``choices`` to ``value`` (empty if none is
+    close), to append to an error message."""
+    close = difflib.get_close_matches(str(value).lower(), list(choices), n=2, cutoff=0.6)
+    return f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
+
+
+def check_bool(name: str, value: Any) -> None:
+    """``TypeError`` unless ``value`` is ``True`` or ``False`` (a string such as ``"no"`` is
+    truthy and would silently mean yes)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}.")
+
+
+def check_real(name: str, value: Any) -> float:
+    """``value`` as a float; ``TypeError`` for a string, a bool or anything not a real number
+    (``float("0.4")`` would pass and a string would reach the training loop)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
+    return float(value)

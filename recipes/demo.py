@@ -3,15 +3,17 @@
 For each optimizer, one after another, this runs
 
     accelerate launch --config_file recipes/accelerate/single.yaml --mixed_precision no \\
-        recipes/pretrain.py --config recipes/configs/tiny.yaml --optimizer NAME \\
+        -m recipes.pretrain --config recipes/configs/tiny.yaml --optimizer NAME \\
         --output-dir runs/demo/NAME
 
 (a tiny LLaMA on CPU, the offline stdlib-documentation corpus, 300 steps), then prints the
 final table: validation loss and perplexity, optimizer-state bytes, tokens/s.  Arguments after
 ``--`` go to every recipe run.
 
-    python recipes/demo.py
-    python recipes/demo.py --optimizers adamw galore_adamw -- --max-steps 100
+    python -m recipes.demo
+    python -m recipes.demo --optimizers adamw galore_adamw -- --max-steps 100
+
+(from the repository's root, like every module of :mod:`recipes`).
 """
 
 from __future__ import annotations
@@ -23,31 +25,36 @@ import subprocess
 import sys
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+from recipes.config import optimizer_names
+from recipes.pretrain import format_table
 
-from pretrain import format_table, optimizer_names  # noqa: E402
+HERE = Path(__file__).resolve().parent
 
 #: shown when available (dct_adamw / sst_adamw come from lowrank_optim's registry)
 DEMO_OPTIMIZERS = ("adamw", "lora", "galore_adamw", "dct_adamw", "sst_adamw")
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
+    """Run the recipe for each optimizer of ``argv`` (default: ``sys.argv[1:]``) and print
+    the table; returns the runs' summaries."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--optimizers", nargs="+",
                     default=[n for n in DEMO_OPTIMIZERS if n in optimizer_names()])
     ap.add_argument("--config", default=str(HERE / "configs" / "tiny.yaml"))
     ap.add_argument("--output-dir", default="runs/demo")
     ap.add_argument("recipe_args", nargs=argparse.REMAINDER,
-                    help="after --: extra flags for recipes/pretrain.py")
+                    help="after --: extra flags for recipes.pretrain")
     args = ap.parse_args(argv)
     extra = args.recipe_args[1:] if args.recipe_args[:1] == ["--"] else args.recipe_args
-    # tiny matrices: one BLAS thread per process is faster than several on 2 cores
+    # tiny matrices: one BLAS thread per process is faster than several on 2 cores; the
+    # launched `python -m recipes.pretrain` imports the package from this repository
     env = {"OMP_NUM_THREADS": "1", **os.environ}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(HERE.parent),
+                                                      os.environ.get("PYTHONPATH")]))
     summaries = []
     for name in args.optimizers:
         out = Path(args.output_dir) / name
-        recipe = [str(HERE / "pretrain.py"), "--config", args.config, "--optimizer", name,
+        recipe = ["-m", "recipes.pretrain", "--config", args.config, "--optimizer", name,
                   "--output-dir", str(out), *extra]
         launcher = ["--config_file", str(HERE / "accelerate" / "single.yaml"),
                     "--num_processes", "1", "--mixed_precision", "no"]

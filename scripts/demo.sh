@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The main job: bash scripts/demo.sh [demo args]
-# Runs recipes/pretrain.py (accelerate launch, tiny LLaMA, offline stdlib corpus) for several
-# optimizers one after another and prints the final table; see recipes/demo.py for the args.
+# Runs the recipe (accelerate launch -m recipes.pretrain, tiny LLaMA, offline stdlib corpus) for
+# several optimizers one after another and prints the final table; see recipes/demo.py for the
+# args.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh run
-.venv/bin/python recipes/demo.py "$@"
+.venv/bin/python -m recipes.demo "$@"

@@ -1,8 +1,15 @@
-import io
+"""Fixtures, the settings of a pytest run (environment, BLAS threads) and the deselection of
+the ``interpret`` tests when Triton's CPU interpreter is off.
+
+Shared helpers live in :mod:`tests.helpers` (``from tests.helpers import ...``).
+"""
+
 import os
 
 import pytest
 import torch
+
+from tests.helpers import tiny_llama
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -10,27 +17,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # OpenMP threads spin at barriers (an SVD then runs up to 50x slower)
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1) // _WORKERS))
-
-
-def tiny_llama(seed: int = 0, **overrides):
-    from lowrank_optim.model_configs import build_llama
-
-    return build_llama("tiny", seed=seed, **overrides)
-
-
-def token_batches(n: int, batch: int = 4, seq: int = 32, vocab: int = 256, seed: int = 0):
-    """Deterministic token batches with learnable structure (repeating random motifs)."""
-    g = torch.Generator().manual_seed(seed)
-    motifs = torch.randint(0, vocab, (8, 8), generator=g)
-    out = []
-    for _ in range(n):
-        idx = torch.randint(0, 8, (batch, seq // 8), generator=g)
-        out.append(motifs[idx].reshape(batch, seq))
-    return out
-
-
-def lm_loss(model, ids):
-    return model(input_ids=ids, labels=ids).loss
 
 
 @pytest.fixture
@@ -48,51 +34,39 @@ def llama():
     return tiny_llama
 
 
-def train(model, opt, batches) -> list[float]:
-    """One ``opt`` step per batch of ``lm_loss``; returns the losses."""
-    losses = []
-    for ids in batches:
-        opt.zero_grad()
-        loss = lm_loss(model, ids)
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
-    return losses
+#: how many ``interpret`` tests this run deselected (an xdist worker reports its count)
+_DESELECTED = pytest.StashKey[int]()
 
 
-def roundtrip(obj):
-    """``torch.save`` then ``torch.load(weights_only=True)``: what a checkpoint gives back."""
-    buf = io.BytesIO()
-    torch.save(obj, buf)
-    buf.seek(0)
-    return torch.load(buf, weights_only=True)
+def pytest_collection_modifyitems(config, items):
+    """Deselect the ``interpret`` tests (Triton kernels on the CPU interpreter) unless
+    ``TRITON_INTERPRET`` is on: Triton reads it when it is imported, so those tests run in a
+    pytest run of their own (``TRITON_INTERPRET=1 pytest -m interpret``, see scripts/test.sh).
+    This file never imports triton."""
+    from lowrank_optim.kernels.dispatch import interpreter_enabled
+
+    if interpreter_enabled():
+        return
+    kept, deselected = [], []
+    for item in items:
+        (deselected if item.get_closest_marker("interpret") else kept).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
+        config.stash[_DESELECTED] = len(deselected)
+        if hasattr(config, "workeroutput"):  # an xdist worker: tell the controller
+            config.workeroutput["interpret_deselected"] = len(deselected)
 
 
-def assert_same_training_state(model, opt, other_model, other_opt):
-    """Parameters and optimizer state of two runs equal bit for bit, dtypes included."""
-    for (n, a), b in zip(model.named_parameters(), other_model.parameters(), strict=True):
-        assert torch.equal(a, b), f"{n} differs after resume"
-    for sa, sb in zip(opt.state.values(), other_opt.state.values(), strict=True):
-        assert sa.keys() == sb.keys()
-        for k in sa:
-            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error):
+    """xdist controller: the count of a worker (they all collect the same tests)."""
+    count = getattr(node, "workeroutput", {}).get("interpret_deselected", 0)
+    node.config.stash[_DESELECTED] = max(count, node.config.stash.get(_DESELECTED, 0))
 
 
-def resume_midway(make, build, seed: int, batches, split: int):
-    """Train ``build(seed)`` with ``make`` on ``batches[:split]``, checkpoint model and optimizer
-    through :func:`roundtrip`, restore both into fresh objects (``build(99)``: other initial
-    weights, so the load must do the work) and train on ``batches[split:]``.
-
-    ``make`` runs before the model's weights are loaded, since it may change the model (SST
-    converts its layers).  Returns ``(model, optimizer, loaded optimizer state dict)``.
-    """
-    model = build(seed)
-    opt = make(model)
-    train(model, opt, batches[:split])
-    model_sd, opt_sd = roundtrip(model.state_dict()), roundtrip(opt.state_dict())
-    fresh_model = build(99)
-    fresh = make(fresh_model)
-    fresh_model.load_state_dict(model_sd)
-    fresh.load_state_dict(opt_sd)
-    train(fresh_model, fresh, batches[split:])
-    return fresh_model, fresh, opt_sd
+def pytest_terminal_summary(terminalreporter, config):
+    if count := config.stash.get(_DESELECTED, 0):
+        terminalreporter.write_line(
+            f"{count} interpret tests deselected (TRITON_INTERPRET is off): they run with "
+            "TRITON_INTERPRET=1 python -m pytest -m interpret")

@@ -1,5 +1,6 @@
 """Checks against the real DeepSpeed engine on CPU, run by tests/test_deepspeed.py with
-``deepspeed --num_gpus 2 tests/deepspeed_worker.py OUT`` (gloo): one launch for every case.
+``deepspeed --num_gpus 2 --module tests.deepspeed_worker OUT`` (gloo), from the repository's
+root: one launch for every case.
 
 Each rank trains on its half of a batch; the reference is one process (no DeepSpeed) that
 accumulates both halves: the mean of the ranks' gradients, which DeepSpeed all-reduces.
@@ -10,7 +11,6 @@ reference, or the error raised.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -18,11 +18,9 @@ from pathlib import Path
 import deepspeed
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import lm_loss, tiny_llama, token_batches  # noqa: E402
-
-import lowrank_optim as lo  # noqa: E402
-from lowrank_optim import distributed  # noqa: E402
+import lowrank_optim as lo
+from lowrank_optim import distributed
+from tests.helpers import lm_loss, tiny_llama, token_batches
 
 STEPS = 3
 KWARGS = {"adamw": dict(lr=1e-2), "galore_adamw": dict(rank=8, update_proj_gap=2, lr=1e-2)}

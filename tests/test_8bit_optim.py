@@ -15,18 +15,19 @@ import math
 
 import pytest
 import torch
-from conftest import (
+
+import lowrank_optim as lo
+from lowrank_optim.kernels import blockwise as q
+from lowrank_optim.memory import state_bytes
+from lowrank_optim.profile import profile
+from lowrank_optim.rules import Adam, lowbit
+from tests.helpers import (
     assert_same_training_state,
     resume_midway,
     tiny_llama,
     token_batches,
     train,
 )
-
-import lowrank_optim as lo
-from lowrank_optim import quantization as q
-from lowrank_optim.memory import state_bytes
-from lowrank_optim.profile import profile
 
 STEPS = 100
 MARGIN = 0.03
@@ -122,7 +123,7 @@ def test_first_step_equals_32bit_and_moments_within_bound():
         s32, s8 = opt32.state[p32], opt8.state[p8]
         assert "exp_avg" not in s8 and s8["exp_avg_codes"].dtype == torch.uint8
         for name in ("exp_avg", "exp_avg_sq"):
-            signed = q.is_signed(name)
+            signed = {m.name: m.signed for m in Adam.moments}[name]
             absmax = s8[name + "_absmax"]
             got = q.dequantize(s8[name + "_codes"], absmax, 64, signed=signed)
             per_elem = absmax.repeat_interleave(64)[: got.numel()].view(got.shape)
@@ -171,7 +172,7 @@ def test_dequantized_context_shows_fp32_moments_and_requantizes():
     opt.step()
     state, group = opt.state[w], opt.param_groups[0]
     before = q.dequantize(state["exp_avg_codes"], state["exp_avg_absmax"], 64)
-    with q.dequantized(state, group) as s:
+    with lowbit.dequantized(state, group, Adam.moments) as s:
         assert torch.equal(s["exp_avg"], before) and s["exp_avg_sq"].dtype == torch.float32
         s["exp_avg"].copy_(s["exp_avg"].flip(1))  # e.g. a permutation of the rank slots
     assert "exp_avg" not in state and "exp_avg_sq" not in state
@@ -180,7 +181,7 @@ def test_dequantized_context_shows_fp32_moments_and_requantizes():
     assert torch.all((after - before.flip(1)).abs()
                      <= q.error_bound(before.flip(1), per_elem, "dynamic", True))
     plain = {"exp_avg": torch.ones(3)}
-    with q.dequantized(plain, group) as s:  # nothing quantised: untouched
+    with lowbit.dequantized(plain, group, Adam.moments) as s:  # nothing quantised: untouched
         assert s is plain
     assert torch.equal(plain["exp_avg"], torch.ones(3))
 

@@ -8,12 +8,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_trainer_swap import one_thread  # noqa: F401  (autouse fixture)
 from torch import nn
 from transformers import TrainerControl, TrainerState
 
 import lowrank_optim as lo
 import trainer_callbacks as tc
+from tests.helpers import random_grads, stable_grads
+from tests.test_trainer_swap import one_thread  # noqa: F401  (autouse fixture)
 from trainer_callbacks.refresh import schedule_to_dict
 from trainer_callbacks.stats import aggregate
 
@@ -49,18 +50,6 @@ def drive(opt, callback, grads, steps: int) -> list[list[int]]:
         state.global_step += 1
         callback.on_step_end(args, state, control, optimizer=opt)
     return refreshed
-
-
-def random_grads(n: int, seed: int = 0):
-    g = torch.Generator().manual_seed(seed)
-    return lambda t: [torch.randn(16, 16, generator=g) for _ in range(n)]
-
-
-def stable_grads(n: int, seed: int = 0, noise: float = 1e-3):
-    """Rank-2 gradients with a fixed column space, plus a little noise."""
-    g = torch.Generator().manual_seed(seed)
-    bases = [torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g) for _ in range(n)]
-    return lambda t: [b + noise * torch.randn(16, 16, generator=g) for b in bases]
 
 
 # -- schedules ------------------------------------------------------------------------------

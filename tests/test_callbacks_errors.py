@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_trainer_swap import dataset, one_thread, training_args  # noqa: F401
 from transformers import Trainer
 
 import lowrank_optim as lo
 import trainer_callbacks as tc
 from lowrank_optim.layerwise import LayerwiseOptimizer
+from tests.helpers import tiny_llama
+from tests.test_trainer_swap import dataset, one_thread, training_args  # noqa: F401
 
 
 # -- schedules ------------------------------------------------------------------------------

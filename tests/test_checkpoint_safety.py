@@ -1,5 +1,6 @@
 """Resuming never runs code planted in a checkpoint, and never silently drops part of it
-(issue 19): recipes/pretrain.py checkpoints and Trainer checkpoints written with our callbacks.
+(issue 19): checkpoints of the recipe (``recipes.pretrain``) and Trainer checkpoints written with
+our callbacks.
 
 A payload is a pickle whose unpickling runs ``touch MARKER``; it is planted in place of each file
 of a checkpoint in turn (the manifest's recorded size updated, as an attacker would), and the
@@ -12,21 +13,20 @@ import json
 import os
 import pickle
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
-from test_trainer_swap import dataset, training_args  # noqa: F401
 from transformers import Trainer
 
 import trainer_callbacks as tc
 from lowrank_optim import safe_load
+from recipes import checkpoint as recipe_checkpoint
+from recipes import pretrain
+from tests.helpers import tiny_llama
+from tests.test_trainer_swap import dataset, training_args  # noqa: F401
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-import pretrain  # noqa: E402
 
 TEST_CONFIG = str(ROOT / "recipes" / "configs" / "tiny_test.yaml")
 ARGS = ["--optimizer", "galore_adamw", "--max-steps", "6", "--save-every", "3"]
@@ -80,7 +80,7 @@ def _copy(recipe, tmp_path: Path) -> tuple[Path, Path]:
 
 def _fix_manifest(checkpoint: Path, name: str, remove: bool = False) -> None:
     """Record ``name``'s new size in train_state.json (or drop it from the list)."""
-    path = checkpoint / pretrain.STATE_FILE
+    path = checkpoint / recipe_checkpoint.STATE_FILE
     state = json.loads(path.read_text())
     if remove:
         state["files"].pop(name)
@@ -110,9 +110,9 @@ def test_a_payload_in_any_file_of_a_recipe_checkpoint_is_refused(recipe, tmp_pat
     for name, how in cases:
         out, checkpoint = _copy(recipe, tmp_path)
         plant(checkpoint / name, marker, how)
-        if name != pretrain.STATE_FILE and name in files:
+        if name != recipe_checkpoint.STATE_FILE and name in files:
             _fix_manifest(checkpoint, name)
-        with pytest.raises(pretrain.CheckpointError) as e:
+        with pytest.raises(recipe_checkpoint.CheckpointError) as e:
             run(out, recipe["cache"], "--resume-from", str(checkpoint))
         message = str(e.value)
         assert str(checkpoint / name) in message, (name, how, message)
@@ -131,13 +131,13 @@ def test_a_corrupted_or_missing_rng_file_fails_the_resume_unless_allowed(recipe,
     data["numpy"][1] = data["numpy"][1][:100]  # numpy's key cut short: parses, cannot restore
     rng.write_text(json.dumps(data))
     _fix_manifest(checkpoint, rng.name)
-    with pytest.raises(pretrain.CheckpointError) as e:
+    with pytest.raises(recipe_checkpoint.CheckpointError) as e:
         run(out, recipe["cache"], "--resume-from", str(checkpoint))
     assert f"{rng} is unreadable" in str(e.value) and "--allow-inexact-resume" in str(e.value)
 
     rng.write_bytes(rng.read_bytes()[: rng.stat().st_size // 2])  # truncated
     _fix_manifest(checkpoint, rng.name)
-    with pytest.raises(pretrain.CheckpointError, match=f"{rng} is unreadable"):
+    with pytest.raises(recipe_checkpoint.CheckpointError, match=f"{rng} is unreadable"):
         run(out, recipe["cache"], "--resume-from", str(checkpoint))
     copy, _ = _copy(recipe, tmp_path / "truncated")  # accepted as inexact with the flag
     shutil.copy(rng, copy / "checkpoints" / "step_3" / rng.name)
@@ -149,7 +149,7 @@ def test_a_corrupted_or_missing_rng_file_fails_the_resume_unless_allowed(recipe,
 
     rng.unlink()
     _fix_manifest(checkpoint, rng.name, remove=True)
-    with pytest.raises(pretrain.CheckpointError, match="rng_state_0.json is missing"):
+    with pytest.raises(recipe_checkpoint.CheckpointError, match="rng_state_0.json is missing"):
         run(out, recipe["cache"], "--resume-from", str(checkpoint))
     capsys.readouterr()
     summary = run(out, recipe["cache"], "--resume-from", str(checkpoint),

@@ -10,9 +10,9 @@ the comparison is not vacuous.
 
 import pytest
 import torch
-from conftest import lm_loss, tiny_llama
 
 import lowrank_optim as lo
+from tests.helpers import lm_loss, tiny_llama
 
 STEPS = 200
 SEEDS = (0, 1)

@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import scipy.fft
 import torch
-from conftest import tiny_llama, token_batches, train
 
 import lowrank_optim as lo
 from lowrank_optim.memory import state_bytes
 from lowrank_optim.projectors.dct import ERROR_FEEDBACK_KEY, dct_side
+from tests.helpers import tiny_llama, token_batches, train
 
 SHAPES = [(24, 16), (16, 24), (16,)]  # right side, left side, unprojected 1-D
 

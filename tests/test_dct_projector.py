@@ -14,6 +14,7 @@ from lowrank_optim.projectors.dct import (
     dct_matrix,
     dct_side,
 )
+from lowrank_optim.rules import Adafactor, Adam
 
 RIGHT, LEFT = (24, 16), (16, 24)  # R >= C: right side, n = 16; R < C: left side, n = 16
 
@@ -180,10 +181,11 @@ def test_rotation_is_the_papers_formula_and_a_partial_permutation():
 
 @pytest.mark.parametrize("shape", [RIGHT, LEFT])
 def test_rotate_moments_moves_kept_frequencies_and_zeroes_new_ones(shape):
+    """The projector asks each rule to rotate the moments that keep the rank axis (Adam's
+    two moments; Adafactor's first moment and its statistic along the rank axis) and the rule
+    leaves the statistic of the full-size axis alone."""
     side, n = dct_side(shape)
     proj, group = DCTProjector(), _group(rank=3, rotate_moments=True, score_route="matmul")
-    state = {}
-    proj.refresh(_dct_lowrank(shape, [2, 5, 8], seed=1), state, group)
     low_shape = (shape[0], 3) if side == "right" else (3, shape[1])
     m = torch.randn(low_shape, generator=_gen(7))
     v = torch.rand(low_shape, generator=_gen(8))
@@ -191,23 +193,30 @@ def test_rotate_moments_moves_kept_frequencies_and_zeroes_new_ones(shape):
     other = torch.rand(shape[0] if side == "right" else shape[1], generator=_gen(10))
     keep_key, other_key = (("exp_avg_sq_col", "exp_avg_sq_row") if side == "right"
                            else ("exp_avg_sq_row", "exp_avg_sq_col"))
-    state.update(exp_avg=m.clone(), exp_avg_sq=v.clone(), **{keep_key: kept.clone(),
-                                                            other_key: other.clone()})
-    proj.refresh(_dct_lowrank(shape, [5, 8, 13], seed=2), state, group)
-    assert state["proj_idx"].tolist() == [5, 8, 13]
+    cases = [(Adam(), {"exp_avg": m, "exp_avg_sq": v}),
+             (Adafactor(), {"exp_avg": m, keep_key: kept, other_key: other})]
 
     def slot(t, i):
         return t[:, i] if (side == "right" and t.dim() == 2) else t[i]
 
-    for key, before in (("exp_avg", m), ("exp_avg_sq", v), (keep_key, kept)):
-        after = state[key]
-        assert torch.equal(slot(after, 0), slot(before, 1))  # frequency 5: slot 1 -> 0
-        assert torch.equal(slot(after, 1), slot(before, 2))  # frequency 8: slot 2 -> 1
-        assert not slot(after, 2).any()  # frequency 13 is new
-    assert torch.equal(state[other_key], other)  # the full-size axis is not rotated
-    # the general formula M R_rot agrees
-    rot = DCTProjector.rotation(torch.tensor([2, 5, 8]), torch.tensor([5, 8, 13]), torch.float32)
-    torch.testing.assert_close(state["exp_avg"], kernels.rotate_lowrank(m, rot, side))
+    for rule, moments in cases:
+        state = {}
+        proj.refresh(_dct_lowrank(shape, [2, 5, 8], seed=1), state, group, rule)
+        state.update({k: t.clone() for k, t in moments.items()})
+        proj.refresh(_dct_lowrank(shape, [5, 8, 13], seed=2), state, group, rule)
+        assert state["proj_idx"].tolist() == [5, 8, 13]
+        for key, before in moments.items():
+            after = state[key]
+            if key == other_key:
+                assert torch.equal(after, other)  # the full-size axis is not rotated
+                continue
+            assert torch.equal(slot(after, 0), slot(before, 1))  # frequency 5: slot 1 -> 0
+            assert torch.equal(slot(after, 1), slot(before, 2))  # frequency 8: slot 2 -> 1
+            assert not slot(after, 2).any()  # frequency 13 is new
+        # the general formula M R_rot agrees
+        rot = DCTProjector.rotation(torch.tensor([2, 5, 8]), torch.tensor([5, 8, 13]),
+                                    torch.float32)
+        torch.testing.assert_close(state["exp_avg"], kernels.rotate_lowrank(m, rot, side))
 
 
 def test_without_rotation_moments_are_left_alone():

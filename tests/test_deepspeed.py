@@ -1,7 +1,7 @@
 """DeepSpeed: engine messages, the recipe's launch checks, and the real engine on 2 CPU
-processes (gloo): ZeRO 0-3 against one process (tests/deepspeed_worker.py, one launch for every
-case), and recipes/pretrain.py under ``deepspeed --num_gpus 2 ... --deepspeed ds_zero0.json``
-and under accelerate's ``deepspeed_zero2.yaml``.
+processes (gloo): ZeRO 0-3 against one process (``tests.deepspeed_worker``, one launch for every
+case), and ``recipes.pretrain`` under ``deepspeed --num_gpus 2 --module recipes.pretrain ...
+--deepspeed ds_zero0.json`` and under accelerate's ``deepspeed_zero2.yaml``.
 
 The first DeepSpeed launch on a machine compiles DeepSpeed's shared-memory comm op (about 30 s,
 gcc and the ``ninja`` of the venv); later launches load it from torch's extension cache.
@@ -16,40 +16,43 @@ import types
 from pathlib import Path
 
 import pytest
-from conftest import tiny_llama
-from test_recipe_launch import (
-    TEST_CONFIG,
-    _free_port,
-    assert_same_run,
-    launch,
-    single_process,
-    succeeded,
-)
 
 import lowrank_optim as lo
 from lowrank_optim import distributed
+from recipes import config, launch, pretrain
+from tests.helpers import tiny_llama
+from tests.test_recipe_launch import (
+    TEST_CONFIG,
+    _free_port,
+    assert_same_run,
+    python_path,
+    single_process,
+    succeeded,
+)
+from tests.test_recipe_launch import launch as accelerate_launch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-import pretrain  # noqa: E402
 
 needs_compiler = pytest.mark.skipif(not shutil.which("c++") and not shutil.which("g++"),
                                     reason="DeepSpeed compiles its CPU comm op with a C++ compiler")
 
 
 def _deepspeed_env() -> dict[str, str]:
-    """The venv's bin first on PATH (its ninja builds DeepSpeed's op), CPU accelerator."""
+    """The venv's bin first on PATH (its ninja builds DeepSpeed's op), CPU accelerator, the
+    repository's root on PYTHONPATH (the ranks run ``python -m <module>``)."""
     path = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
-    env = {**os.environ, "PATH": path, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PATH": path, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": python_path()}
     for key in ("ACCELERATE_USE_CPU", "WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(key, None)
     return env
 
 
-def deepspeed_launch(script: str, *args: str) -> list[str]:
-    """``deepspeed --num_gpus 2 script args`` (the launcher as a module of this venv)."""
+def deepspeed_launch(module: str, *args: str) -> list[str]:
+    """``deepspeed --num_gpus 2 --module module args`` (the launcher as a module of this
+    venv)."""
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-            "--master_port", str(_free_port()), script, *args]
+            "--master_port", str(_free_port()), "--module", module, *args]
 
 
 # -- messages: what works, per optimizer (no engine needed) ----------------------------------
@@ -95,18 +98,18 @@ def _fake_accelerator(num_processes: int, process_index: int, kind: str = "NO"):
 ])
 def test_launches_the_recipe_cannot_run_are_refused(monkeypatch, env, accelerator, deepspeed,
                                                     refusal):
-    for key in (*pretrain.WORLD_SIZE_VARIABLES, *pretrain.RANK_VARIABLES):
+    for key in (*launch.WORLD_SIZE_VARIABLES, *launch.RANK_VARIABLES):
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     fake = _fake_accelerator(*accelerator)
     if refusal is None:
-        pretrain.check_launch(fake, deepspeed)
+        launch.check_launch(fake, deepspeed)
         return
     with pytest.raises(RuntimeError) as err:
-        pretrain.check_launch(fake, deepspeed)
+        launch.check_launch(fake, deepspeed)
     assert refusal in str(err.value)
-    assert "deepspeed --num_gpus 2 recipes/pretrain.py --deepspeed" in str(err.value)
+    assert "deepspeed --num_gpus 2 --module recipes.pretrain --deepspeed" in str(err.value)
 
 
 # -- the real engine, 2 CPU processes ---------------------------------------------------------
@@ -118,8 +121,7 @@ def test_zero_stages_against_the_real_engine(tmp_path):
     """ZeRO 1/2/3 + AdamW and ZeRO-0 + GaLore equal one process; ZeRO 1/2/3 + GaLore and
     GaLore / SST on deepspeed.zero.Init weights are refused with the engines that work."""
     pytest.importorskip("deepspeed")
-    proc = subprocess.run(deepspeed_launch(str(ROOT / "tests" / "deepspeed_worker.py"),
-                                           str(tmp_path)),
+    proc = subprocess.run(deepspeed_launch("tests.deepspeed_worker", str(tmp_path)),
                           env=_deepspeed_env(), capture_output=True, text=True, timeout=400,
                           cwd=ROOT)
     assert proc.returncode == 0 and (tmp_path / "done1").exists(), (
@@ -149,7 +151,7 @@ def test_zero_stages_against_the_real_engine(tmp_path):
 def cache(tmp_path_factory):
     """Corpus and tokenizer built once here, so launched ranks only read them."""
     path = str(tmp_path_factory.mktemp("recipe-cache"))
-    pretrain.load_data(pretrain.parse_args(["--config", TEST_CONFIG, "--cache-dir", path]))
+    pretrain.load_data(config.parse_args(["--config", TEST_CONFIG, "--cache-dir", path]))
     return path
 
 
@@ -162,12 +164,13 @@ def _metric_lines_once(out: Path) -> None:
 @pytest.mark.slow
 @needs_compiler
 def test_recipe_under_the_deepspeed_launcher_equals_one_process(tmp_path, cache):
-    """``deepspeed --num_gpus 2 recipes/pretrain.py --deepspeed ds_zero0.json``: GaLore (refresh
-    every 4 steps) trains as one process with the same global batch, metrics written once."""
+    """``deepspeed --num_gpus 2 --module recipes.pretrain --deepspeed ds_zero0.json``: GaLore
+    (refresh every 4 steps) trains as one process with the same global batch, metrics written
+    once."""
     pytest.importorskip("deepspeed")
     out = tmp_path / "zero0"
     args = ["--optimizer", "galore_adamw", "--max-steps", "8"]
-    cmd = deepspeed_launch(str(ROOT / "recipes" / "pretrain.py"), "--config", TEST_CONFIG,
+    cmd = deepspeed_launch("recipes.pretrain", "--config", TEST_CONFIG,
                            "--cache-dir", cache, "--output-dir", str(out), "--batch-size", "2",
                            "--deepspeed", str(ROOT / "recipes" / "accelerate" / "ds_zero0.json"),
                            "--check-sync-every", "4", *args)
@@ -191,7 +194,7 @@ def test_accelerate_deepspeed_config_runs_deepspeed_on_cpu(tmp_path, cache, monk
     monkeypatch.setenv("PATH", _deepspeed_env()["PATH"])  # launch() passes os.environ on
     out = tmp_path / "zero2"
     args = ["--optimizer", "adamw", "--max-steps", "4"]
-    proc = launch("deepspeed_zero2.yaml", 2, out, cache, *args, "--batch-size", "2")
+    proc = accelerate_launch("deepspeed_zero2.yaml", 2, out, cache, *args, "--batch-size", "2")
     succeeded(proc, out, 2)
     assert "adamw / deepspeed-zero2 x 2" in proc.stdout
     _metric_lines_once(out)

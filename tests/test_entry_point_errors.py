@@ -3,9 +3,9 @@ names the parameter (table-driven: each row would fail if its check were removed
 
 import pytest
 import torch
-from conftest import tiny_llama
 
 import lowrank_optim as lo
+from tests.helpers import tiny_llama
 
 ADAM_NAMES = ["galore_adamw", "galore_adamw8bit", "dct_adamw", "dct_adamw8bit", "sst_adamw",
               "sst_adamw8bit"]

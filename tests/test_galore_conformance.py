@@ -4,9 +4,9 @@ import copy
 
 import pytest
 import torch
-from conftest import lm_loss, tiny_llama, token_batches
 
 import lowrank_optim as lo
+from tests.helpers import lm_loss, tiny_llama, token_batches
 
 galore_torch = pytest.importorskip("galore_torch")
 

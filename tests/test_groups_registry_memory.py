@@ -2,10 +2,10 @@
 
 import pytest
 import torch
-from conftest import lm_loss, tiny_llama, token_batches, train
 
 import lowrank_optim as lo
 from lowrank_optim.memory import adamw_state_bytes, state_bytes
+from tests.helpers import lm_loss, tiny_llama, token_batches, train
 
 galore_torch = pytest.importorskip("galore_torch")
 

@@ -32,15 +32,25 @@ def _run_python(code: str, **env: str) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize("value,expected", [("", "auto"), ("auto", "auto"), (" Torch ", "torch"),
                                             ("TRITON", "triton")])
 def test_backend_from_env(monkeypatch, value, expected):
+    """The environment variable is read once (at import, or by ``set_backend()``), not by
+    every dispatched call."""
     monkeypatch.setenv(kernels.ENV_VAR, value)
-    assert kernels.requested_backend() == expected
-    assert kernels.requested_backend("torch") == "torch"  # the argument wins
+    previous = kernels.set_backend()
+    try:
+        assert kernels.requested_backend() == kernels.current_backend() == expected
+        assert kernels.requested_backend("torch") == "torch"  # the argument wins
+        monkeypatch.setenv(kernels.ENV_VAR, "torch" if expected != "torch" else "auto")
+        assert kernels.requested_backend() == expected  # not re-read per call
+    finally:
+        kernels.set_backend(previous)
 
 
 def test_invalid_backend_is_rejected(monkeypatch):
     monkeypatch.setenv(kernels.ENV_VAR, "cuda")
     with pytest.raises(ValueError, match="LOWRANK_OPTIM_KERNELS"):
-        kernels.requested_backend()
+        kernels.set_backend()
+    with pytest.raises(ValueError, match="set_backend"):
+        kernels.set_backend("gpu")
     with pytest.raises(ValueError, match="backend argument"):
         kernels.project(_rand(4, 3), _rand(2, 3), "right", backend="fast")
 
@@ -154,23 +164,32 @@ def test_reference_update_decay_order(side):
     assert torch.equal(got, param.mul(0.9).add_(direction, alpha=0.5))
 
 
-def test_default_apply_update_matches_a_fused_projector():
-    """A projector that only implements ``apply`` gets the same result, by the base class's
-    unfused ``apply_update``, as one that passes the decays to the kernel."""
+def test_projector_without_apply_update_is_refused_at_construction():
+    """``apply_update`` is the one abstract update method: a projector that implements only
+    the rest cannot be built (it used to recurse between ``apply`` and ``apply_update``), and
+    ``apply`` is ``apply_update`` without decay."""
 
-    class UnfusedSVD(SVDProjector):
-        apply_update = Projector.apply_update
+    class NoUpdate(Projector):
+        def has_subspace(self, state):
+            return True
 
-        def apply(self, param, low, alpha, state, group):
-            kernels.project_back_update(param, low, state["proj_right"], "right", alpha)
+        def refresh(self, grad, state, group, rule=None):
+            return None
 
+        def project(self, grad, state, group):
+            return grad
+
+        def project_back(self, low, state, group):
+            return low
+
+    with pytest.raises(TypeError, match="apply_update"):
+        NoUpdate()
     state = {"proj_right": _rand(3, 5, seed=1)}
     low, param = _rand(8, 3, seed=2), _rand(8, 5, seed=3)
-    for decays in [(0.1, 0.0), (0.0, 0.1)]:
-        fused, unfused = param.clone(), param.clone()
-        SVDProjector().apply_update(fused, low, -0.3, state, {}, *decays)
-        UnfusedSVD().apply_update(unfused, low, -0.3, state, {}, *decays)
-        assert torch.equal(fused, unfused) and not torch.equal(fused, param)
+    applied, updated = param.clone(), param.clone()
+    SVDProjector().apply(applied, low, -0.3, state, {})
+    SVDProjector().apply_update(updated, low, -0.3, state, {}, 0.0, 0.0)
+    assert torch.equal(applied, updated) and not torch.equal(applied, param)
 
 
 @pytest.mark.parametrize("side", ["right", "left"])

@@ -2,63 +2,23 @@
 
 Triton decides when it is imported, and when each ``@triton.jit`` function is decorated,
 whether kernels are compiled or interpreted, so ``TRITON_INTERPRET=1`` must be set before
-``import triton``.  ``import lowrank_optim`` never imports triton (the first Triton kernel call
-does, lazily), but other modules of a pytest run may (galore-torch pulls in bitsandbytes, which
-imports triton).  So: when this module is collected before anything imported triton, the
-interpreter is switched on here and the tests run in this process; otherwise they are skipped
-here and one test reruns this whole module in a fresh interpreter-enabled subprocess.
+``import triton``, that is in the environment of the pytest command.  Every test here is marked
+``interpret``: a plain pytest run deselects them (``tests/conftest.py``), and a run of their own
+runs them (``TRITON_INTERPRET=1 python -m pytest -m interpret``, the second run of
+``scripts/test.sh``).
 
 Shapes are odd (37 x 53, r = 5) so that every block is partial, with fp32 and bf16 inputs.
 """
 
-import os
-import re
-import subprocess
-import sys
-
-if "triton" not in sys.modules:
-    os.environ["TRITON_INTERPRET"] = "1"
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
+import pytest
+import torch
 
 pytest.importorskip("triton", reason="triton is not installed: the torch backend is used alone")
 
 from lowrank_optim import kernels  # noqa: E402
 from lowrank_optim.kernels.dispatch import interpreter_enabled  # noqa: E402
 
-
-def _triton_is_interpreted() -> bool:
-    """Whether the imported triton (and so our kernels) runs under the interpreter."""
-    import triton.language as tl
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return interpreter_enabled() and isinstance(tl.standard.cdiv, InterpretedFunction)
-
-
-IN_PROCESS = _triton_is_interpreted()
-SUBPROCESS_TEST = "test_kernels_in_fresh_interpreter_process"
-
-
-@pytest.fixture(autouse=True)
-def _interpreted_triton(request):
-    if not IN_PROCESS and request.node.name != SUBPROCESS_TEST:
-        pytest.skip(f"triton was imported without TRITON_INTERPRET=1 earlier in this process: "
-                    f"these tests run in a subprocess ({SUBPROCESS_TEST})")
-
-
-@pytest.mark.skipif(IN_PROCESS, reason="the tests run in this process")
-def test_kernels_in_fresh_interpreter_process():
-    result = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
-        capture_output=True, text=True, timeout=600,
-        env={**os.environ, "TRITON_INTERPRET": "1"},
-    )
-    tail = result.stdout[-6000:] + result.stderr[-2000:]
-    summary = result.stdout.strip().splitlines()[-1] if result.stdout.strip() else ""
-    assert result.returncode == 0, tail
-    # everything ran there, except this test itself
-    assert re.match(r"^\d+ passed, 1 skipped in ", summary), tail
+pytestmark = pytest.mark.interpret
 
 
 M, N, R = 37, 53, 5
@@ -104,8 +64,13 @@ def low_for(side: str, dtype: torch.dtype, seed: int = 2) -> torch.Tensor:
 
 
 def test_interpreter_is_on():
+    """The imported triton, and so our kernels, runs under the interpreter."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+
     from lowrank_optim.kernels import triton_common
 
+    assert interpreter_enabled() and isinstance(tl.standard.cdiv, InterpretedFunction)
     assert triton_common.INTERPRET
     assert kernels.use_triton(torch.zeros(1), backend="triton")
 
@@ -263,13 +228,16 @@ def _params(dtype: torch.dtype) -> list[torch.Tensor]:
 
 
 def _train(make_opt, dtype: torch.dtype, backend: str, monkeypatch, steps: int = 3):
-    monkeypatch.setenv(kernels.ENV_VAR, backend)
-    params = _params(dtype)
-    opt = make_opt(params)
-    for step in range(steps):
-        for i, p in enumerate(params):
-            p.grad = rand(*p.shape, dtype=dtype, seed=100 * step + i)
-        opt.step()
+    previous = kernels.set_backend(backend)
+    try:
+        params = _params(dtype)
+        opt = make_opt(params)
+        for step in range(steps):
+            for i, p in enumerate(params):
+                p.grad = rand(*p.shape, dtype=dtype, seed=100 * step + i)
+            opt.step()
+    finally:
+        kernels.set_backend(previous)
     return [p.detach() for p in params]
 
 

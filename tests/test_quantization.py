@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lowrank_optim import quantization as q
+from lowrank_optim.kernels import blockwise as q
 
 BLOCK = 64
 

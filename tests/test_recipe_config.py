@@ -2,19 +2,17 @@
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama
 
 import lowrank_optim as lo
 from lowrank_optim import distributed
+from recipes import config, pretrain
+from tests.helpers import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-import pretrain  # noqa: E402
 
 TINY = str(ROOT / "recipes" / "configs" / "tiny.yaml")
 
@@ -23,11 +21,11 @@ def test_settings_precedence_defaults_file_optimizer_block_command_line(tmp_path
     path = tmp_path / "run.yaml"
     path.write_text("lr: 0.1\nrank: 3\noptimizer_overrides:\n"
                     "  galore_adamw: {lr: 0.2, rank: 4}\n")
-    cfg = pretrain.parse_args(["--config", str(path)])
+    cfg = config.parse_args(["--config", str(path)])
     assert (cfg.optimizer, cfg.lr, cfg.rank, cfg.seq_len) == ("galore_adamw", 0.2, 4, 256)
-    cfg = pretrain.parse_args(["--config", str(path), "--lr", "0.3"])
+    cfg = config.parse_args(["--config", str(path), "--lr", "0.3"])
     assert (cfg.lr, cfg.rank) == (0.3, 4)
-    cfg = pretrain.parse_args(["--config", str(path), "--optimizer", "adamw"])
+    cfg = config.parse_args(["--config", str(path), "--optimizer", "adamw"])
     assert (cfg.lr, cfg.rank) == (0.1, 3)  # another optimizer: its block does not apply
 
 
@@ -35,7 +33,7 @@ def test_values_are_coerced_from_yaml_json_and_flags(tmp_path):
     path = tmp_path / "run.json"
     path.write_text(json.dumps({"lr": "1e-3", "max_steps": "20", "streaming": "true",
                                 "update_proj_gap": "null"}))
-    cfg = pretrain.parse_args([
+    cfg = config.parse_args([
         "--config", str(path), "--model-overrides", '{"num_hidden_layers": 1}',
         "--target-modules", '["q_proj", "v_proj"]', "--data", "a/*.txt", "b.txt",
         "--betas", "0.9", "0.95", "--report-to", "console", "tensorboard"])
@@ -43,7 +41,7 @@ def test_values_are_coerced_from_yaml_json_and_flags(tmp_path):
     assert cfg.update_proj_gap is None and cfg.model_overrides == {"num_hidden_layers": 1}
     assert cfg.target_modules == ["q_proj", "v_proj"] and cfg.data == ["a/*.txt", "b.txt"]
     assert cfg.betas == ["0.9", "0.95"] and cfg.report_to == ["console", "tensorboard"]
-    assert pretrain.parse_args(["--data", '["x.txt"]']).data == ["x.txt"]
+    assert config.parse_args(["--data", '["x.txt"]']).data == ["x.txt"]
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -59,22 +57,22 @@ def test_values_are_coerced_from_yaml_json_and_flags(tmp_path):
 ])
 def test_bad_settings_are_rejected_with_the_reason(settings, message):
     with pytest.raises(ValueError, match=message):
-        pretrain.make_config(settings, {})
+        config.make_config(settings, {})
 
 
 def test_unknown_flag_is_an_error(capsys):
     with pytest.raises(SystemExit):
-        pretrain.parse_args(["--learning-rate", "1"])
+        config.parse_args(["--learning-rate", "1"])
 
 
 def test_every_library_optimizer_and_the_lora_baseline_are_offered():
-    names = pretrain.optimizer_names()
+    names = config.optimizer_names()
     assert set(lo.available()) <= set(names) and "lora" in names
     assert {"adamw", "galore_adamw", "dct_adamw", "sst_adamw"} <= set(names)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():
-    cfg = pretrain.make_config({"max_steps": 100, "lr": 1.0}, {})
+    cfg = config.make_config({"max_steps": 100, "lr": 1.0}, {})
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     sched = pretrain.build_scheduler(cfg, opt)
     lrs = []
@@ -88,9 +86,9 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))
 
 
-@pytest.mark.parametrize("name", pretrain.optimizer_names())
+@pytest.mark.parametrize("name", config.optimizer_names())
 def test_build_optimizer_for_every_name(name):
-    cfg = pretrain.parse_args(["--config", TINY, "--optimizer", name])
+    cfg = config.parse_args(["--config", TINY, "--optimizer", name])
     model, opt = pretrain.build_optimizer(cfg, tiny_llama())
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -108,10 +106,10 @@ def test_build_optimizer_for_every_name(name):
 
 
 def test_refresh_sync_broadcast_wraps_the_projector():
-    cfg = pretrain.parse_args(["--config", TINY, "--refresh-sync", "broadcast"])
+    cfg = config.parse_args(["--config", TINY, "--refresh-sync", "broadcast"])
     _, opt = pretrain.build_optimizer(cfg, tiny_llama())
-    assert isinstance(opt.projector, distributed.BroadcastRefresh)
-    cfg = pretrain.parse_args(["--config", TINY, "--refresh-sync", "broadcast",
+    assert isinstance(opt.refresher, distributed.BroadcastRefresh)
+    cfg = config.parse_args(["--config", TINY, "--refresh-sync", "broadcast",
                                "--optimizer", "adamw"])
     with pytest.raises(ValueError, match="needs a low-rank optimizer"):
         pretrain.build_optimizer(cfg, tiny_llama())
@@ -119,8 +117,8 @@ def test_refresh_sync_broadcast_wraps_the_projector():
 
 def test_model_configs_from_tiny_to_7b_are_selectable():
     for name in ("tiny", "60m", "130m", "350m", "1b", "7b"):
-        assert pretrain.make_config({"model": name}, {}).model == name
-    cfg = pretrain.make_config({"model": "tiny", "model_overrides": {"num_hidden_layers": 1}},
+        assert config.make_config({"model": name}, {}).model == name
+    cfg = config.make_config({"model": "tiny", "model_overrides": {"num_hidden_layers": 1}},
                                {})
     model = pretrain.build_model(cfg, vocab_size=300)
     assert model.config.vocab_size == 300 and model.config.num_hidden_layers == 1
@@ -129,11 +127,11 @@ def test_model_configs_from_tiny_to_7b_are_selectable():
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "configs").glob("*.yaml")),
                          ids=lambda p: p.stem)
 def test_shipped_recipe_configs_are_valid_for_every_optimizer(path):
-    for name in pretrain.optimizer_names():
-        cfg = pretrain.parse_args(["--config", str(path), "--optimizer", name])
+    for name in config.optimizer_names():
+        cfg = config.parse_args(["--config", str(path), "--optimizer", name])
         assert cfg.model in ("tiny", "60m", "130m", "350m", "1b", "7b")
     if path.stem.startswith("llama_"):  # the paper's setup: 512 x 256 tokens per step on 8 GPUs
-        cfg = pretrain.parse_args(["--config", str(path)])
+        cfg = config.parse_args(["--config", str(path)])
         assert cfg.model == path.stem.split("_")[1] and cfg.seq_len == 256
         assert cfg.batch_size * 8 * cfg.gradient_accumulation_steps == 512
         assert (cfg.warmup_ratio, cfg.min_lr_ratio, cfg.scale) == (0.1, 0.1, 0.25)

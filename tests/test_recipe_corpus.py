@@ -1,13 +1,9 @@
 """The recipes' offline corpus, tokenizers and token windows (no training)."""
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-import corpus  # noqa: E402
+from recipes import corpus
 
 
 @pytest.fixture(scope="module")

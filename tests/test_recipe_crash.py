@@ -1,5 +1,5 @@
-"""recipes/pretrain.py killed with SIGKILL at random moments, and inside its file writes, then
-resumed with ``--resume-from latest`` until done: nothing is lost.
+"""The recipe (``recipes.pretrain``) killed with SIGKILL at random moments, and inside its file
+writes, then resumed with ``--resume-from latest`` until done: nothing is lost.
 
 The runs are real processes: a small server process imports the recipe once and forks one child
 per run (a fresh interpreter per run would spend ~5 s importing torch and transformers), the
@@ -21,9 +21,10 @@ from pathlib import Path
 
 import pytest
 
+from recipes import checkpoint, files
+from tests.test_recipe_launch import python_path
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-import pretrain  # noqa: E402
 
 TEST_CONFIG = str(ROOT / "recipes" / "configs" / "tiny_test.yaml")
 #: checkpoint every 2 steps, validation every 4, GaLore refreshing every 4 (tiny_test.yaml),
@@ -35,15 +36,14 @@ TIMING = {"tokens_per_s"}  # the only fields allowed to differ between runs
 
 SERVER = r"""
 import json, os, sys, traceback
-recipes, log = sys.argv[1], sys.argv[2]
+log = sys.argv[1]
 proto = os.fdopen(os.dup(1), "w")  # the protocol; the recipe's own output goes to the log
 out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
 os.dup2(out, 1)
 os.dup2(out, 2)
-sys.path.insert(0, recipes)
 import torch
 torch.set_num_threads(1)
-import pretrain
+from recipes import pretrain  # the repository root is on PYTHONPATH
 while True:
     line = sys.stdin.readline()
     if not line:
@@ -79,12 +79,13 @@ class RecipeServer:
     """One process that has imported the recipe; :meth:`run` forks a run of it."""
 
     def __init__(self, log: Path) -> None:
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-        env.pop(pretrain.FAULT_ENV, None)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+               "PYTHONPATH": python_path()}
+        env.pop(files.FAULT_ENV, None)
         self.log = log
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(ROOT / "recipes"),
-                                      str(log)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     text=True, env=env, cwd=ROOT)
+        self.proc = subprocess.Popen([sys.executable, "-c", SERVER, str(log)],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                     env=env, cwd=ROOT)
 
     def _send(self, job: dict) -> str:
         self.proc.stdin.write(json.dumps(job) + "\n")
@@ -102,7 +103,7 @@ class RecipeServer:
     def run(self, args: list[str], log: Path, fault: str | None = None,
             kill_after: float | None = None) -> int:
         """A forked run; returns its exit code (``-9``: killed)."""
-        env = {pretrain.FAULT_ENV: fault} if fault else {}
+        env = {files.FAULT_ENV: fault} if fault else {}
         pid = int(self._send({"args": args, "env": env, "log": str(log)}))
         if kill_after is not None:
             time.sleep(kill_after)
@@ -185,7 +186,7 @@ def kill_loop(server, reference, root: Path, rng: random.Random, faults: list[st
         assert codes[-1] in (0, -signal.SIGKILL), log.read_text()[-3000:]
         if codes[-1] == 0:
             assert_same_result(out, reference["out"])
-            assert [p.name for p in pretrain.checkpoints(out)] == ["step_10", "step_12"]
+            assert [p.name for p in checkpoint.checkpoints(out)] == ["step_10", "step_12"]
             assert not list(out.glob(".*.tmp"))
             assert not list((out / "checkpoints").glob(".deleting-*"))
             chain += 1
@@ -228,7 +229,7 @@ def kill_at_the_marker(server, reference, tmp_path: Path) -> None:
             "--resume-from", "latest"]
     # atomic writes of a run: settings + marker per checkpoint; the 4th is step_4's marker
     assert server.run(args, tmp_path / "marker-a.log", fault="atomic-open:4") == -signal.SIGKILL
-    assert [p.name for p in pretrain.checkpoints(out)] == ["step_2"]
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["step_2"]
     assert not (out / "checkpoints" / "step_4" / "train_state.json").exists()
     assert server.run(args, tmp_path / "marker-b.log") == 0
     log = (tmp_path / "marker-b.log").read_text()

@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import lm_loss, tiny_llama, token_batches
 
 import lowrank_optim as lo
 from lowrank_optim import distributed
+from tests.helpers import lm_loss, tiny_llama, token_batches
 
 # -- DeepSpeed ZeRO hands the optimizer flattened 1-D partitions: detect, never train unprojected
 
@@ -87,9 +87,9 @@ def _nondeterministic_refresh(projector, rank):
     """Make ``projector``'s refresh rank-dependent (as a nondeterministic SVD would be)."""
     inner = projector.refresh
 
-    def refresh(grad, state, group):
+    def refresh(grad, state, group, rule=None):
         noise = torch.randn(grad.shape, generator=torch.Generator().manual_seed(100 + rank))
-        return inner(grad + 1e-2 * grad.norm() * noise, state, group)
+        return inner(grad + 1e-2 * grad.norm() * noise, state, group, rule)
 
     projector.refresh = refresh
 

@@ -1,14 +1,10 @@
-"""Every setting of recipes/pretrain.py with a wrong type, value or combination fails at once
-with a message naming the setting, its flag and the fix (no training, no model)."""
-
-import sys
-from pathlib import Path
+"""Every setting of the recipe (``recipes.config``) with a wrong type, value or combination
+fails at once with a message naming the setting, its flag and the fix (no training, no
+model)."""
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-import pretrain  # noqa: E402
+from recipes import config, pretrain
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -64,6 +60,9 @@ import pretrain  # noqa: E402
     ({"target_modules": {"q": 1}}, "target_modules=.*expected 'all-linear'"),
     ({"mixed_precision": "fp8"}, "mixed_precision='fp8': choose auto, no, bf16 or fp16"),
     ({"refresh_sync": "allreduce"}, "refresh_sync='allreduce'"),
+    ({"refresh_schedule": {"kind": "cosine"}}, "refresh_schedule=.*Unknown schedule kind"),
+    ({"refresh_schedule": {"gap": 0}}, "refresh_schedule=.*gap=0: must be an integer >= 1"),
+    ({"refresh_schedule": "adaptive"}, r"refresh_schedule=\['adaptive'\]: expected a dict"),
     ({"report_to": ["mlflow"]}, "report_to=.*choose from"),
     ({"report_to": []}, "report_to=.*choose from"),
     ({"output_dir": ""}, "output_dir='': cannot be empty"),
@@ -73,6 +72,9 @@ import pretrain  # noqa: E402
     ({"optimizer_kwargs": {"rank": 4, "scale": 1}},
      r"\['rank', 'scale'\] have their own settings; use --rank, --scale instead"),
     ({"report_to": ["none", "wandb"]}, "'none' cannot be combined"),
+    ({"refresh_schedule": {"kind": "fixed"}, "optimizer": "sst_adamw"},
+     "refresh_schedule=.*sst_adamw has no subspaces refreshed every update_proj_gap steps"),
+    ({"refresh_schedule": {"kind": "fixed"}, "optimizer": "lora"}, "lora has no subspaces"),
     ({"data": ["a.txt"], "hf_dataset": "allenai/c4"}, "choose one source"),
     # keys and override blocks
     ({"learning_rate": 1}, r"unknown settings \['learning_rate'\]"),
@@ -84,8 +86,8 @@ import pretrain  # noqa: E402
     ({"optimizer_overrides": {"adamw": {"rank": 0}}, "optimizer": "adamw"}, "rank=0: must be"),
 ], ids=lambda x: "-".join(f"{k}={v}" for k, v in x.items())[:60] if isinstance(x, dict) else None)
 def test_a_bad_setting_names_the_setting_and_the_fix(settings, message):
-    with pytest.raises(pretrain.RecipeError, match=message):
-        pretrain.make_config(settings, {})
+    with pytest.raises(config.RecipeError, match=message):
+        config.make_config(settings, {})
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -97,28 +99,28 @@ def test_a_bad_setting_names_the_setting_and_the_fix(settings, message):
     (["--allow-config-change", "perhaps"], "allow_config_change='perhaps': expected true or false"),
 ])
 def test_bad_flags_on_the_command_line(argv, message):
-    with pytest.raises(pretrain.RecipeError, match=message):
-        pretrain.parse_args(argv)
+    with pytest.raises(config.RecipeError, match=message):
+        config.parse_args(argv)
 
 
 def test_a_missing_or_broken_config_file_is_named(tmp_path):
-    with pytest.raises(pretrain.RecipeError, match="--config .*nope.yaml: cannot read"):
-        pretrain.parse_args(["--config", str(tmp_path / "nope.yaml")])
+    with pytest.raises(config.RecipeError, match="--config .*nope.yaml: cannot read"):
+        config.parse_args(["--config", str(tmp_path / "nope.yaml")])
     bad = tmp_path / "bad.yaml"
     bad.write_text("lr: [1\n")
-    with pytest.raises(pretrain.RecipeError, match="--config .*bad.yaml: does not parse"):
-        pretrain.parse_args(["--config", str(bad)])
+    with pytest.raises(config.RecipeError, match="--config .*bad.yaml: does not parse"):
+        config.parse_args(["--config", str(bad)])
     bad.write_text("- 1\n- 2\n")
-    with pytest.raises(pretrain.RecipeError, match="expected a mapping of settings"):
-        pretrain.parse_args(["--config", str(bad)])
+    with pytest.raises(config.RecipeError, match="expected a mapping of settings"):
+        config.parse_args(["--config", str(bad)])
 
 
 def test_good_values_still_pass():
-    cfg = pretrain.make_config({"optimizer": "GaLore-AdamW", "stop_after": 1000, "run_name": 7,
+    cfg = config.make_config({"optimizer": "GaLore-AdamW", "stop_after": 1000, "run_name": 7,
                                 "optimizer_overrides": {"galore_adamw": {"rank": 3}},
                                 "allow_config_change": "true", "betas": ["0.9", "0.95"]}, {})
     assert cfg.rank == 3 and cfg.run_name == "7" and cfg.allow_config_change is True
-    assert pretrain.make_config({"max_steps": "1e3", "scale": None}, {}).max_steps == 1000
+    assert config.make_config({"max_steps": "1e3", "scale": None}, {}).max_steps == 1000
 
 
 def test_the_command_line_turns_a_setting_error_into_exit_status_2(capsys):

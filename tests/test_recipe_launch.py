@@ -1,5 +1,5 @@
-"""recipes/pretrain.py launched with ``accelerate launch``: one process, DDP and FSDP2 on two
-CPU processes (gloo), with the accelerate configs in recipes/accelerate/.
+"""The recipe launched with ``accelerate launch -m recipes.pretrain``: one process, DDP and
+FSDP2 on two CPU processes (gloo), with the accelerate configs in recipes/accelerate/.
 
 Two-process runs are compared with single-process runs of the same global batch (per-process
 batch 2 x 2 processes vs batch 2 x 2 accumulation steps): the gradients are then the same sums,
@@ -18,9 +18,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from recipes import config, pretrain
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-import pretrain  # noqa: E402
 
 TEST_CONFIG = str(ROOT / "recipes" / "configs" / "tiny_test.yaml")
 ACCELERATE_CONFIGS = ROOT / "recipes" / "accelerate"
@@ -31,8 +31,14 @@ pytestmark = pytest.mark.slow
 def cache(tmp_path_factory):
     """Corpus and tokenizer built once here, so launched ranks only read them."""
     path = str(tmp_path_factory.mktemp("recipe-cache"))
-    pretrain.load_data(pretrain.parse_args(["--config", TEST_CONFIG, "--cache-dir", path]))
+    pretrain.load_data(config.parse_args(["--config", TEST_CONFIG, "--cache-dir", path]))
     return path
+
+
+def python_path() -> str:
+    """``$PYTHONPATH`` with the repository's root first: launched processes import the
+    ``recipes`` package (``-m recipes.pretrain``) from this checkout."""
+    return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
 def _free_port() -> int:
@@ -50,9 +56,10 @@ def launch(config: str, nproc: int, out: Path, cache: str, *args: str,
            "--main_process_port", str(_free_port())]
     if mixed_precision:
         cmd += ["--mixed_precision", mixed_precision]
-    cmd += [str(ROOT / "recipes" / "pretrain.py"), "--config", TEST_CONFIG, "--cache-dir", cache,
+    cmd += ["-m", "recipes.pretrain", "--config", TEST_CONFIG, "--cache-dir", cache,
             "--output-dir", str(out), *args]
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": python_path()}
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
 
@@ -168,8 +175,8 @@ def test_fsdp2_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, c
 
 
 def test_demo_launches_the_recipe_per_optimizer_and_prints_the_table(tmp_path, cache, capsys):
-    """scripts/demo.sh's job (recipes/demo.py), cut down to two optimizers and the test config."""
-    import demo
+    """scripts/demo.sh's job (recipes.demo), cut down to two optimizers and the test config."""
+    from recipes import demo
 
     out = tmp_path / "demo"
     summaries = demo.main(["--config", TEST_CONFIG, "--optimizers", "adamw", "galore_adamw",

@@ -1,4 +1,4 @@
-"""Resuming recipes/pretrain.py: settings that differ from the checkpoint's are refused before
+"""Resuming the recipe: settings that differ from the checkpoint's are refused before
 anything is loaded (or, with ``--allow-config-change true``, logged); incomplete or unreadable
 checkpoints are skipped by ``latest`` and refused when named."""
 
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipes import checkpoint, config, pretrain
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-import pretrain  # noqa: E402
 
 TEST_CONFIG = str(ROOT / "recipes" / "configs" / "tiny_test.yaml")
 COMMON = ["--optimizer", "galore_adamw", "--save-every", "2"]
@@ -79,7 +79,7 @@ def assert_equals_full_run(out: Path, full: Path) -> None:
 ], ids=lambda x: x[0] if isinstance(x, list) else None)
 def test_a_changed_setting_is_refused_before_anything_is_loaded(runs, args, expected):
     before = (runs["cut"] / "metrics.jsonl").read_bytes()
-    with pytest.raises(pretrain.CheckpointError, match="was saved with other settings") as e:
+    with pytest.raises(checkpoint.CheckpointError, match="was saved with other settings") as e:
         run(runs["cut"], runs["cache"], *COMMON, "--resume-from", "latest", *args)
     assert expected in str(e.value) and "--allow-config-change true" in str(e.value)
     assert (runs["cut"] / "metrics.jsonl").read_bytes() == before  # nothing touched
@@ -93,17 +93,17 @@ def test_a_changed_setting_is_refused_before_anything_is_loaded(runs, args, expe
 ])
 def test_another_world_size_engine_or_precision_is_refused(runs, tmp_path, saved, expected):
     out = copy_run(runs, tmp_path)
-    path = out / "checkpoints" / "step_4" / pretrain.SETTINGS_FILE
+    path = out / "checkpoints" / "step_4" / checkpoint.SETTINGS_FILE
     data = json.loads(path.read_text())
     data["settings"].update(saved)
     path.write_text(json.dumps(data))
-    with pytest.raises(pretrain.CheckpointError) as e:
+    with pytest.raises(checkpoint.CheckpointError) as e:
         run(out, runs["cache"], *COMMON, "--resume-from", str(path.parent))
     assert all(x in str(e.value) for x in expected), str(e.value)
 
 
 def test_every_difference_is_listed(runs):
-    with pytest.raises(pretrain.CheckpointError) as e:
+    with pytest.raises(checkpoint.CheckpointError) as e:
         run(runs["cut"], runs["cache"], *COMMON, "--resume-from", "latest", "--rank", "4",
             "--seq-len", "32")
     assert "rank: saved 8, now 4" in str(e.value) and "seq_len: saved 64, now 32" in str(e.value)
@@ -133,8 +133,8 @@ def test_allow_config_change_resumes_and_logs_the_differences(runs, tmp_path, ca
 
 def test_a_checkpoint_without_settings_needs_the_flag(runs, tmp_path):
     out = copy_run(runs, tmp_path)
-    (out / "checkpoints" / "step_4" / pretrain.SETTINGS_FILE).unlink()
-    with pytest.raises(pretrain.CheckpointError, match="recipe_settings.json is missing"):
+    (out / "checkpoints" / "step_4" / checkpoint.SETTINGS_FILE).unlink()
+    with pytest.raises(checkpoint.CheckpointError, match="recipe_settings.json is missing"):
         run(out, runs["cache"], *COMMON, "--resume-from", "latest")
     s = run(out, runs["cache"], *COMMON, "--resume-from", "latest", "--allow-config-change",
             "true")
@@ -143,7 +143,7 @@ def test_a_checkpoint_without_settings_needs_the_flag(runs, tmp_path):
 
 
 def test_stop_after_at_or_before_the_checkpoint_is_refused(runs):
-    with pytest.raises(pretrain.RecipeError, match="stop_after=4: not after step 4"):
+    with pytest.raises(config.RecipeError, match="stop_after=4: not after step 4"):
         run(runs["cut"], runs["cache"], *COMMON, "--resume-from", "latest", "--stop-after", "4")
 
 
@@ -162,7 +162,7 @@ def test_latest_skips_an_unreadable_checkpoint_and_resumes_the_previous_one(runs
     as complete and ``latest`` crashed with a JSONDecodeError."""
     out = copy_run(runs, tmp_path)
     (out / "checkpoints" / "step_4" / "train_state.json").write_text("")
-    assert [p.name for p in pretrain.checkpoints(out)] == ["step_2"]
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["step_2"]
     with pytest.warns(RuntimeWarning, match="skipping .*step_4.*train_state.json is unreadable"):
         s = run(out, runs["cache"], *COMMON, "--resume-from", "latest")
     assert s["resumed_from"].endswith("step_2") and s["train_steps_this_run"] == 10
@@ -176,7 +176,8 @@ def test_latest_skips_an_unreadable_checkpoint_and_resumes_the_previous_one(runs
     (lambda d: (d / "train_state.json").write_text("[1, 2]"), "train_state.json is unreadable"),
     (lambda d: (d / "optimizer.bin").unlink(), "optimizer.bin is missing"),
     (lambda d: (d / "model.safetensors").write_bytes(b"x"), "model.safetensors has 1 bytes"),
-    (lambda d: (d / pretrain.SETTINGS_FILE).write_text("{"), "recipe_settings.json is unreadable"),
+    (lambda d: (d / checkpoint.SETTINGS_FILE).write_text("{"),
+     "recipe_settings.json is unreadable"),
 ], ids=["no-marker", "empty-marker", "bad-marker", "missing-file", "truncated-file",
         "bad-settings"])
 def test_an_explicit_incomplete_checkpoint_is_refused_naming_the_file(runs, tmp_path, damage,
@@ -184,13 +185,13 @@ def test_an_explicit_incomplete_checkpoint_is_refused_naming_the_file(runs, tmp_
     out = copy_run(runs, tmp_path)
     directory = out / "checkpoints" / "step_4"
     damage(directory)
-    with pytest.raises(pretrain.CheckpointError, match="cannot be resumed") as e:
+    with pytest.raises(checkpoint.CheckpointError, match="cannot be resumed") as e:
         run(out, runs["cache"], *COMMON, "--resume-from", str(directory))
     assert expected in str(e.value) and str(directory) in str(e.value)
 
 
 def test_an_explicit_missing_directory_is_refused(runs, tmp_path):
-    with pytest.raises(pretrain.CheckpointError, match="no such checkpoint directory"):
+    with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint directory"):
         run(tmp_path / "out", runs["cache"], *COMMON, "--resume-from", str(tmp_path / "nope"))
 
 
@@ -200,7 +201,7 @@ def test_resuming_an_earlier_checkpoint_sets_later_ones_aside(runs, tmp_path):
         s = run(out, runs["cache"], *COMMON, "--resume-from", str(out / "checkpoints" / "step_2"),
                 "--stop-after", "3")
     assert s["step"] == 3 and (out / "checkpoints" / "superseded_step_4").is_dir()
-    assert [p.name for p in pretrain.checkpoints(out)] == ["step_2", "step_3"]
+    assert [p.name for p in checkpoint.checkpoints(out)] == ["step_2", "step_3"]
     run(out, runs["cache"], *COMMON, "--resume-from", "latest")
     assert_equals_full_run(out, runs["full"])
 
@@ -216,8 +217,8 @@ def test_a_checkpoint_between_log_lines_keeps_the_loss_interval(runs, tmp_path):
 
 
 def test_a_bad_flag_from_the_shell_exits_with_2_and_names_the_flag(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "recipes" / "pretrain.py"), "--config",
-                           TEST_CONFIG, "--rank", "0", "--output-dir", str(tmp_path)],
+    proc = subprocess.run([sys.executable, "-m", "recipes.pretrain", "--config", TEST_CONFIG,
+                           "--rank", "0", "--output-dir", str(tmp_path)],
                           capture_output=True, text=True, timeout=120, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
     assert "pretrain.py: error: rank=0: must be >= 1 (set with --rank" in proc.stderr

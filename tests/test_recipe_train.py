@@ -1,15 +1,14 @@
-"""The pretraining recipe on one process (in-process runs of recipes/pretrain.py)."""
+"""The pretraining recipe on one process (in-process runs of recipes.pretrain)."""
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from recipes import checkpoint, config, pretrain
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "recipes"))
-import pretrain  # noqa: E402
 
 TEST_CONFIG = str(ROOT / "recipes" / "configs" / "tiny_test.yaml")
 
@@ -32,7 +31,7 @@ def losses(out: Path) -> dict[int, float]:
     return {m["step"]: m["loss"] for m in lines if "loss" in m}
 
 
-@pytest.mark.parametrize("name", pretrain.optimizer_names())
+@pytest.mark.parametrize("name", config.optimizer_names())
 def test_every_optimizer_trains_and_reports(tmp_path, cache, name):
     s = run(tmp_path, cache, "--optimizer", name)
     assert s["finished"] and s["step"] == 12 and s["optimizer"] == name
@@ -56,7 +55,7 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, cache, 
     run(tmp_path / "full", cache, *common)
     cut = tmp_path / "cut"
     first = run(cut, cache, *common, "--stop-after", "5")
-    assert not first["finished"] and pretrain.checkpoints(cut)[-1].name == "step_5"
+    assert not first["finished"] and checkpoint.checkpoints(cut)[-1].name == "step_5"
     s = run(cut, cache, *common, "--resume-from", "latest")  # a fresh run, same output_dir
     assert s["finished"] and s["train_steps_this_run"] == 7
     full, resumed = losses(tmp_path / "full"), losses(cut)
@@ -66,10 +65,32 @@ def test_resume_from_a_checkpoint_equals_the_uninterrupted_run(tmp_path, cache, 
         "subspace_digest"] and a["val_loss"] == b["val_loss"]
 
 
+def test_a_refresh_schedule_times_the_refreshes_and_resumes_exactly(tmp_path, cache):
+    """``--refresh-schedule``: lowrank_optim.schedules in the recipe's loop (gradient
+    accumulation 2), its state in the checkpoint, the resumed run bit-identical."""
+    schedule = '{"kind": "growing", "gap": 2, "factor": 2.0}'
+    common = ["--optimizer", "galore_adamw", "--gradient-accumulation-steps", "2",
+              "--batch-size", "2"]
+    run(tmp_path / "plain", cache, *common)
+    run(tmp_path / "full", cache, *common, "--refresh-schedule", schedule)
+    cut = tmp_path / "cut"
+    run(cut, cache, *common, "--refresh-schedule", schedule, "--stop-after", "5")
+    saved = json.loads((cut / "checkpoints" / "step_5" / checkpoint.REFRESH_FILE).read_text())
+    assert saved["schedule"] == {"kind": "growing", "gap": 2, "factor": 2.0, "max_gap": None}
+    assert {layer["gap"] for layer in saved["layers"]} == {4}  # one refresh each, staggered
+    s = run(cut, cache, *common, "--refresh-schedule", schedule, "--resume-from", "latest")
+    assert s["finished"] and losses(cut) == losses(tmp_path / "full")
+    digests = [json.loads((d / "rank0.json").read_text()) for d in (tmp_path / "full", cut,
+                                                                    tmp_path / "plain")]
+    assert digests[0]["param_digest"] == digests[1]["param_digest"]
+    assert digests[0]["subspace_digest"] == digests[1]["subspace_digest"]
+    assert digests[0]["subspace_digest"] != digests[2]["subspace_digest"]  # not the gap of 4
+
+
 def test_periodic_checkpoints_evaluation_and_trackers(tmp_path, cache):
     s = run(tmp_path, cache, "--save-every", "3", "--keep-checkpoints", "2", "--eval-every", "4",
             "--report-to", "console", "tensorboard", "--save-final-model", "true")
-    assert [p.name for p in pretrain.checkpoints(tmp_path)] == ["step_9", "step_12"]
+    assert [p.name for p in checkpoint.checkpoints(tmp_path)] == ["step_9", "step_12"]
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines if "val_loss" in m] == [4, 8, 12]
     assert lines[-1]["val_loss"] == s["val_loss"]

@@ -2,7 +2,9 @@
 
 import pytest
 import torch
-from conftest import (
+
+import lowrank_optim as lo
+from tests.helpers import (
     assert_same_training_state,
     resume_midway,
     roundtrip,
@@ -10,8 +12,6 @@ from conftest import (
     token_batches,
     train,
 )
-
-import lowrank_optim as lo
 
 OPTIMIZERS = {
     "galore_adamw": lambda m: lo.GaLoreAdamW(

@@ -3,11 +3,11 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import lm_loss, tiny_llama, token_batches
 from torch import nn
 
 import lowrank_optim as lo
 from lowrank_optim import sst
+from tests.helpers import lm_loss, tiny_llama, token_batches
 
 
 def _outputs(model, ids):

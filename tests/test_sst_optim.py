@@ -4,18 +4,18 @@ import itertools
 
 import pytest
 import torch
-from conftest import (
+from torch import nn
+
+import lowrank_optim as lo
+from lowrank_optim import sst
+from lowrank_optim.memory import state_bytes
+from tests.helpers import (
     assert_same_training_state,
     resume_midway,
     tiny_llama,
     token_batches,
     train,
 )
-from torch import nn
-
-import lowrank_optim as lo
-from lowrank_optim import sst
-from lowrank_optim.memory import state_bytes
 
 
 def _mlp(seed: int = 0, rank: int = 3) -> nn.Module:

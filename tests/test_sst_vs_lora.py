@@ -4,14 +4,10 @@ The task, models and learning rates are those of ``benchmarks/sst_vs_lora.py`` (
 longer, sweeps the learning rate and averages seeds); this is its quick, fixed-seed form.
 """
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-import sst_vs_lora as bench  # noqa: E402
+from benchmarks import sst_vs_lora as bench
 
 pytest.importorskip("peft")
 

@@ -10,9 +10,9 @@ import pickle
 
 import pytest
 import torch
-from conftest import roundtrip, tiny_llama, token_batches, train
 
 import lowrank_optim as lo
+from tests.helpers import roundtrip, tiny_llama, token_batches, train
 
 
 def _galore(rank=8, proj_type="std", **kw):

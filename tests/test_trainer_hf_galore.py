@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import pytest
-from conftest import tiny_llama
-from test_trainer_swap import dataset, losses, one_thread, training_args  # noqa: F401
 from transformers import Trainer
 
 import lowrank_optim as lo
+from tests.helpers import tiny_llama
+from tests.test_trainer_swap import dataset, losses, one_thread, training_args  # noqa: F401
 
 galore_torch = pytest.importorskip("galore_torch")
 

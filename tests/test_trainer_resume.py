@@ -6,12 +6,12 @@ from __future__ import annotations
 import logging
 
 import pytest
-from conftest import tiny_llama
-from test_trainer_swap import dataset, losses, one_thread, settings, training_args  # noqa: F401
 from transformers import Trainer
 
 import lowrank_optim as lo
 import trainer_callbacks as tc
+from tests.helpers import tiny_llama
+from tests.test_trainer_swap import dataset, losses, one_thread, settings, training_args  # noqa: F401
 
 CASES = {
     # adaptive gaps change during the run: a resume that lost them would refresh elsewhere

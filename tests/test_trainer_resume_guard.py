@@ -16,11 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import tiny_llama
-from test_trainer_swap import dataset, one_thread, training_args  # noqa: F401
 from transformers import Trainer
 
 import trainer_callbacks as tc
+from tests.helpers import tiny_llama
+from tests.test_trainer_swap import dataset, one_thread, training_args  # noqa: F401
 from trainer_callbacks._common import lowrank_optimizer
 
 #: id -> attach() settings besides the rank

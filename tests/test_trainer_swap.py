@@ -15,11 +15,11 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_llama, token_batches
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 import lowrank_optim as lo
 import trainer_callbacks as tc
+from tests.helpers import tiny_llama, token_batches
 
 #: per-optimizer settings for the tiny LLaMA (rank 8 of 64; refresh every 4 steps)
 SETTINGS: dict[str, dict] = {

@@ -4,33 +4,21 @@ layer types, and logging through the Trainer's own ``log`` so every ``report_to`
 
 from __future__ import annotations
 
-import difflib
 import logging
 import math
-import numbers
-from collections.abc import Iterable
 from typing import Any
 
 from transformers import TrainerCallback
 
-from lowrank_optim.layerwise import LayerwiseOptimizer
-from lowrank_optim.optim.base import LowRankOptimizer
+# the validators and the optimizer lookup are transformers-free: defined once, in the library
+from lowrank_optim.schedules import (  # noqa: F401  (re-exported)
+    innermost_optimizer,
+    layerwise_optimizer,
+    lowrank_optimizer,
+)
+from lowrank_optim.validation import check_bool, check_real, did_you_mean  # noqa: F401
 
 logger = logging.getLogger("lowrank_optim")
-
-
-def did_you_mean(value: str, choices: Iterable[str]) -> str:
-    """`` Did you mean 'x'?`` for the closest of ``choices`` to ``value`` (empty if none is
-    close), to append to an error message."""
-    close = difflib.get_close_matches(str(value).lower(), list(choices), n=2, cutoff=0.6)
-    return f" Did you mean {' or '.join(map(repr, close))}?" if close else ""
-
-
-def check_bool(name: str, value: Any) -> None:
-    """``TypeError`` unless ``value`` is ``True`` or ``False`` (a string such as ``"no"`` is
-    truthy and would silently mean yes)."""
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be True or False, got {type(value).__name__} {value!r}.")
 
 
 def check_every(value: Any) -> None:
@@ -39,41 +27,6 @@ def check_every(value: Any) -> None:
                               or value < 1):
         raise ValueError(f"Invalid every={value!r}: pass an integer >= 1 (optimizer steps "
                          "between logs) or None for TrainingArguments.logging_steps.")
-
-
-def check_real(name: str, value: Any) -> float:
-    """``value`` as a float; ``TypeError`` for a string, a bool or anything not a real number
-    (``float("0.4")`` would pass and a string would reach the training loop)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}.")
-    return float(value)
-
-
-def _chain(optimizer: Any) -> list[Any]:
-    """``optimizer`` and what it wraps (accelerate's ``AcceleratedOptimizer.optimizer``,
-    :class:`LayerwiseOptimizer.optimizer`), outermost first."""
-    out, seen = [], set()
-    while optimizer is not None and id(optimizer) not in seen:
-        out.append(optimizer)
-        seen.add(id(optimizer))
-        optimizer = getattr(optimizer, "optimizer", None)
-    return out
-
-
-def innermost_optimizer(optimizer: Any) -> Any:
-    """The optimizer holding the state, behind any wrappers (``None`` stays ``None``)."""
-    chain = _chain(optimizer)
-    return chain[-1] if chain else None
-
-
-def lowrank_optimizer(optimizer: Any) -> LowRankOptimizer | None:
-    """The :class:`LowRankOptimizer` behind the Trainer's optimizer, or ``None``."""
-    return next((o for o in _chain(optimizer) if isinstance(o, LowRankOptimizer)), None)
-
-
-def layerwise_optimizer(optimizer: Any) -> LayerwiseOptimizer | None:
-    """The :class:`LayerwiseOptimizer` behind the Trainer's optimizer, or ``None``."""
-    return next((o for o in _chain(optimizer) if isinstance(o, LayerwiseOptimizer)), None)
 
 
 def layer_type(name: str) -> str:

@@ -220,7 +220,7 @@ def _check_combination(cls: type, label: str, callbacks: list[TrainerCallback],
     if stats and not lowrank:
         raise ValueError(f"stats=True logs subspace statistics, but {label} ({cls.__name__}) "
                          "projects nothing: drop stats=True or use a low-rank optimizer.")
-    if layerwise and (not lowrank or cls.step_param is not LowRankOptimizer.step_param):
+    if layerwise and (not lowrank or not cls.projector_type.layerwise):
         raise ValueError(
             f"layerwise=True steps each parameter during backward, which {label} "
             f"({cls.__name__}) cannot do (layer-wise mode needs a LowRankOptimizer whose "
@@ -361,6 +361,33 @@ def _check_trainer(trainer: Any, name: str | None, callbacks: list[TrainerCallba
                          "(that attach() would replace): drop one of the two.")
 
 
+def _trainer_optimizer(trainer: Any, callbacks: list[TrainerCallback], stats: bool,
+                       layerwise: bool, max_grad_norm: float | None) -> Any:
+    """The optimizer given as ``Trainer(optimizers=(opt, None))`` (or the one the Trainer will
+    build), checked against the callbacks; wrapped for layer-wise mode.  Changes nothing."""
+    optimizer = trainer.optimizer
+    if layerwise and optimizer is None:
+        raise ValueError("attach(trainer, layerwise=True) needs an optimizer name or a "
+                         "Trainer created with optimizers=(opt, None).")
+    cls, label = _planned_optimizer(trainer)
+    if cls is not None:
+        _check_combination(cls, label, callbacks, stats, layerwise, {})
+    if not layerwise:
+        return optimizer
+    if isinstance(optimizer, LayerwiseOptimizer):
+        if max_grad_norm is not None:
+            raise ValueError("The Trainer's optimizer is already a LayerwiseOptimizer: "
+                             "set its max_grad_norm there, not in attach().")
+        return optimizer
+    if not isinstance(optimizer, LowRankOptimizer):
+        raise ValueError(
+            f"attach(trainer, layerwise=True): the Trainer's optimizer is wrapped "
+            f"({type(optimizer).__name__}), as after train(); call attach() before "
+            "train(), on the optimizer given as Trainer(optimizers=(opt, None)).")
+    return LayerwiseOptimizer(optimizer, max_grad_norm=max_grad_norm,
+                              gradient_accumulation_steps=trainer.args.gradient_accumulation_steps)
+
+
 def attach(
     trainer: Any,
     name: str | None = None,
@@ -430,27 +457,7 @@ def attach(
         if optimizer_kwargs:
             raise ValueError(f"Optimizer arguments {sorted(optimizer_kwargs)} need a name: "
                              "attach(trainer, 'galore_adamw', ...).")
-        optimizer = trainer.optimizer
-        if layerwise and optimizer is None:
-            raise ValueError("attach(trainer, layerwise=True) needs an optimizer name or a "
-                             "Trainer created with optimizers=(opt, None).")
-        cls, label = _planned_optimizer(trainer)
-        if cls is not None:
-            _check_combination(cls, label, callbacks, stats, layerwise, {})
-        if layerwise:
-            if isinstance(optimizer, LayerwiseOptimizer):
-                if max_grad_norm is not None:
-                    raise ValueError("The Trainer's optimizer is already a LayerwiseOptimizer: "
-                                     "set its max_grad_norm there, not in attach().")
-            elif not isinstance(optimizer, LowRankOptimizer):
-                raise ValueError(
-                    f"attach(trainer, layerwise=True): the Trainer's optimizer is wrapped "
-                    f"({type(optimizer).__name__}), as after train(); call attach() before "
-                    "train(), on the optimizer given as Trainer(optimizers=(opt, None)).")
-            else:
-                optimizer = LayerwiseOptimizer(
-                    optimizer, max_grad_norm=max_grad_norm,
-                    gradient_accumulation_steps=args.gradient_accumulation_steps)
+        optimizer = _trainer_optimizer(trainer, callbacks, stats, layerwise, max_grad_norm)
     # nothing was changed above: from here on the Trainer is modified
     trainer.optimizer = optimizer
     setattr(trainer, _ATTACHED, True)

@@ -14,8 +14,8 @@ the specification) or its Triton kernel:
 The choice comes from the ``backend`` argument, else from the process-wide backend: the
 environment variable ``LOWRANK_OPTIM_KERNELS`` (``auto`` | ``torch`` | ``triton``) read once when
 this module is imported, changed later with :func:`set_backend`.  The implementation of an
-operation is then resolved once per (operation, backend, CUDA or not, dtypes supported) and
-cached, so a dispatched call costs a few attribute checks on its tensors.  ``triton`` is
+operation's Triton module is imported and checked once and cached, so a dispatched call costs
+a few attribute checks on its tensors.  ``triton`` is
 imported lazily by the first call that runs on it, never at ``import lowrank_optim``.
 """
 
@@ -25,6 +25,7 @@ import functools
 import importlib
 import os
 from collections.abc import Callable
+from types import ModuleType
 
 import torch
 
@@ -137,14 +138,15 @@ def use_triton(*tensors: torch.Tensor, backend: str | None = None) -> bool:
 
 
 @functools.cache
-def _triton_impl(name: str, on_cuda: bool) -> Callable:
-    """The Triton implementation of ``name`` (module imported once, then cached)."""
+def _triton_module(name: str, on_cuda: bool) -> ModuleType:
+    """The Triton module implementing ``name`` (imported and checked once, then cached; the
+    function is looked up per call, so a patched attribute takes effect)."""
     module = importlib.import_module(f"lowrank_optim.kernels.{_TRITON_MODULES[name]}")
     common = importlib.import_module("lowrank_optim.kernels.triton_common")
     if not on_cuda and not common.INTERPRET:
         raise RuntimeError("TRITON_INTERPRET=1 was set after the Triton kernels were loaded "
                            "(compiled for a GPU): set it before the first kernel call.")
-    return getattr(module, name)
+    return module
 
 
 def _impl(name: str, backend: str | None, *tensors: torch.Tensor) -> Callable:
@@ -152,7 +154,7 @@ def _impl(name: str, backend: str | None, *tensors: torch.Tensor) -> Callable:
     if backend is None and _backend == "torch":
         return getattr(reference, name)
     if use_triton(*tensors, backend=backend):
-        return _triton_impl(name, all(t.is_cuda for t in tensors))
+        return getattr(_triton_module(name, all(t.is_cuda for t in tensors)), name)
     return getattr(reference, name)
 
 

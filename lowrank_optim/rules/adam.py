@@ -82,11 +82,11 @@ class Adam(Rule):
         step_size = lr * math.sqrt(bias2) / bias1 if group["correct_bias"] else lr
         return Update(direction, -step_size, decay=lr * group["weight_decay"], decay_first=False)
 
-    @staticmethod
-    def _update_8bit(low: torch.Tensor, state: dict, group: dict, beta1: float, beta2: float,
-                     eps: float, formula: str, bias2: float) -> torch.Tensor:
+    def _update_8bit(self, low: torch.Tensor, state: dict, group: dict, beta1: float,
+                     beta2: float, eps: float, formula: str, bias2: float) -> torch.Tensor:
         _, block_size, code, _ = lowbit.settings(group)
-        m_codes, m_absmax = (state[k] for k in lowbit.storage_keys("exp_avg"))
-        v_codes, v_absmax = (state[k] for k in lowbit.storage_keys("exp_avg_sq"))
+        first, second = self.moments
+        m_codes, m_absmax = (state[k] for k in first.storage)
+        v_codes, v_absmax = (state[k] for k in second.storage)
         return kernels.adam_update_8bit(low, m_codes, m_absmax, v_codes, v_absmax, beta1,
                                         beta2, eps, formula, bias2, block_size, code)

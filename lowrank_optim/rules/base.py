@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -51,6 +51,11 @@ class Moment:
     signed: bool = True
     float32: bool = False
     when: Callable[[torch.Tensor, dict], bool] | None = None
+    #: the two state entries of the 8-bit storage (codes, absmax), set from ``name``
+    storage: tuple[str, str] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "storage", lowbit.storage_keys(self.name))
 
     def applies(self, grad: torch.Tensor, group: dict) -> bool:
         """Whether the moment exists for ``grad`` under ``group``."""
@@ -151,8 +156,7 @@ class Rule(ABC):
     # -- state ----------------------------------------------------------------------------
     def has_state(self, state: dict) -> bool:
         """Whether ``state`` already holds this rule's moments (plain or 8-bit)."""
-        return any(m.name in state or lowbit.storage_keys(m.name)[0] in state
-                   for m in self.moments)
+        return any(m.name in state or m.storage[0] in state for m in self.moments)
 
     def init_state(self, grad: torch.Tensor, state: dict, group: dict) -> None:
         """Zero moments for a gradient like ``grad``: 8-bit when the group asks for it (and
@@ -204,7 +208,7 @@ class Rule(ABC):
         """Memory category (``"moments"``) of every state key this rule may create."""
         keys = [m.name for m in self.moments]
         if 8 in self.bits:
-            keys += [k for m in self.moments for k in lowbit.storage_keys(m.name)]
+            keys += [k for m in self.moments for k in m.storage]
         return dict.fromkeys(keys, "moments")
 
     def check_state(self, state: dict, group: dict, label: str | Callable[[], str]) -> None:

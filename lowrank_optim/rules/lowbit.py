@@ -74,14 +74,14 @@ def use_8bit(group: dict, numel: int) -> bool:
 
 def quantized(state: dict, moments: Iterable[Moment]) -> list[Moment]:
     """The declared ``moments`` that ``state`` holds in 8 bits (codes + absmax entries)."""
-    return [m for m in moments if all(k in state for k in storage_keys(m.name))]
+    return [m for m in moments if m.storage[0] in state and m.storage[1] in state]
 
 
 def init(state: dict, moment: Moment, like: torch.Tensor, group: dict) -> None:
     """Zero codes and scales for ``moment`` of a gradient like ``like`` (see :func:`zeros`)."""
     _, block_size, code, _ = settings(group)
     codes, absmax = zeros(moment.shape(like), like.device, block_size, code, moment.signed)
-    state.update(zip(storage_keys(moment.name), (codes, absmax), strict=True))
+    state.update(zip(moment.storage, (codes, absmax), strict=True))
 
 
 def check_blocks(state: dict, moments: Iterable[Moment], group: dict,
@@ -89,7 +89,7 @@ def check_blocks(state: dict, moments: Iterable[Moment], group: dict,
     """Raise ``ValueError`` if a quantised moment's scales do not match ``block_size``."""
     _, block_size, _, _ = settings(group)
     for m in quantized(state, moments):
-        codes, absmax = (state[k] for k in storage_keys(m.name))
+        codes, absmax = (state[k] for k in m.storage)
         if absmax.numel() != num_blocks(codes.numel(), block_size):
             label = label() if callable(label) else label
             raise ValueError(
@@ -115,12 +115,12 @@ def dequantized(state: dict, group: dict, moments: Iterable[Moment]) -> Iterator
         return
     _, block_size, code, _ = settings(group)
     for m in held:
-        codes, absmax = (state[k] for k in storage_keys(m.name))
+        codes, absmax = (state[k] for k in m.storage)
         state[m.name] = kernels.dequantize_blockwise(codes, absmax, block_size, code, m.signed)
     try:
         yield state
     finally:
         for m in held:
-            out = tuple(state[k] for k in storage_keys(m.name))
+            out = tuple(state[k] for k in m.storage)
             kernels.quantize_blockwise(state.pop(m.name), block_size, code, m.signed, out=out)
 

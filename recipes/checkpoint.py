@@ -1,0 +1,586 @@
+"""The recipe's checkpoints: what is saved, how a checkpoint is known complete, and the checks
+that run before a resume loads anything.
+
+A checkpoint ``checkpoints/step_<n>`` holds accelerate's files (model as safetensors, the
+optimizer) and, written by the recipe as JSON, the learning-rate scheduler, every process's
+random generators, the settings and the data position (``train_state.json``, written last: it
+marks the checkpoint complete).  Nothing of what the recipe saves itself is unpickled.
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import math
+import os
+import random
+import re
+import shutil
+import sys
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lowrank_optim import safe_load
+from recipes.config import RecipeConfig, RecipeError, flat_config, normal_name
+from recipes.files import atomic_write, fault_point, fsync_dir
+from recipes.launch import engine_name
+
+
+class CheckpointError(RecipeError):
+    """A checkpoint that is incomplete, unreadable, unsafe to load, or saved with other
+    settings."""
+
+
+STATE_FILE = "train_state.json"  # written last: marks a checkpoint complete
+SETTINGS_FILE = "recipe_settings.json"  # the settings the checkpoint was trained with
+SCHEDULER_FILE = "scheduler.json"  # the learning-rate schedule's state_dict
+RNG_FILE = "rng_state_{}.json"  # per process: python, numpy, torch (CPU, CUDA) generators
+REFRESH_FILE = "refresh_schedule.json"  # with --refresh-schedule: the RefreshScheduler's state
+#: files accelerate writes for objects the recipe no longer hands it: accelerate unpickles
+#: ``custom_checkpoint_<i>.pkl`` with weights_only=False, and drops an unreadable
+#: ``random_states_<i>.pkl`` silently; the recipe never lets accelerate read either
+ACCELERATE_PICKLES = re.compile(r"(custom_checkpoint|random_states)_\d+\.pkl")
+
+#: settings that may change between a checkpoint and its resume: they do not change what is
+#: trained (outputs, logging, evaluation, launch); every other one is checked at resume
+RESUME_FREE_SETTINGS = frozenset({
+    "optimizer_overrides",  # already merged into the fields it overrides
+    "refresh_sync", "cache_dir", "hf_val_split", "eval_every", "eval_samples", "log_every",
+    "report_to", "project", "run_name", "output_dir", "save_every", "keep_checkpoints",
+    "resume_from", "allow_config_change", "allow_inexact_resume", "stop_after",
+    "save_final_model", "check_sync_every", "progress",
+    "mixed_precision",  # compared as resolved by the accelerator (below)
+})
+
+
+def read_checkpoint_json(path: Path, missing: str) -> Any:
+    """The JSON in checkpoint file ``path``; a :class:`CheckpointError` naming the file when
+    it is missing (``missing`` says what that means) or unreadable."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: {missing}") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path} is unreadable: {e}") from None
+
+
+@dataclass
+class TrainState:
+    """The data position and counters, saved as ``train_state.json`` with each checkpoint
+    (written last and atomically: its presence marks the checkpoint complete)."""
+
+    step: int = 0  # optimizer steps done
+    samples: int = 0  # training windows consumed (all processes)
+    tokens: int = 0
+    metrics_lines: int | None = None  # lines of metrics.jsonl written before this checkpoint
+    loss_sums: list[float] | None = None  # per-process train-loss sums since the last log line
+    since_log: int = 0  # steps in those sums
+    files: dict[str, int] | None = None  # every file of the checkpoint and its size in bytes
+
+    def save(self, directory: Path) -> None:
+        """Write ``directory/train_state.json`` atomically."""
+        atomic_write(Path(directory) / STATE_FILE, json.dumps(asdict(self)))
+
+    @classmethod
+    def load(cls, directory: Path) -> TrainState:
+        """Read ``directory/train_state.json``.
+
+        Raises
+        ------
+        CheckpointError
+            The file is missing or unreadable; the message names it and the reason.
+        """
+        path = Path(directory) / STATE_FILE
+        data = read_checkpoint_json(path, "the checkpoint is incomplete (its save was "
+                                          "interrupted)")
+        if not isinstance(data, dict) or not isinstance(data.get("step"), int):
+            raise CheckpointError(f"{path} is unreadable: expected an object with a 'step'")
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+
+# -- which checkpoints are complete -----------------------------------------------------------
+def checkpoint_problem(directory: Path) -> str | None:
+    """Why ``directory`` cannot be resumed from (a message naming the file), or ``None``.
+
+    A checkpoint is complete when ``train_state.json`` reads back and every file it lists is
+    there with its recorded size, and its settings file (when present) reads back.
+    """
+    try:
+        state = TrainState.load(directory)
+    except CheckpointError as e:
+        return str(e)
+    for name, size in (state.files or {}).items():
+        path = Path(directory) / name
+        if not path.is_file():
+            return f"{path} is missing (listed in {Path(directory) / STATE_FILE})"
+        if path.stat().st_size != size:
+            return (f"{path} has {path.stat().st_size} bytes, {size} when the checkpoint was "
+                    "saved")
+    settings = Path(directory) / SETTINGS_FILE
+    if settings.exists():
+        try:
+            json.loads(settings.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return f"{settings} is unreadable: {e}"
+    return None
+
+
+def _step_directories(output_dir: str | os.PathLike) -> list[Path]:
+    """Every ``checkpoints/step_<n>`` directory, complete or not, oldest first."""
+    root = Path(output_dir) / "checkpoints"
+    found = [p for p in root.glob("step_*") if re.fullmatch(r"step_\d+", p.name) and p.is_dir()]
+    return sorted(found, key=lambda p: int(p.name.split("_")[1]))
+
+
+def checkpoints(output_dir: str | os.PathLike) -> list[Path]:
+    """Complete checkpoints (see :func:`checkpoint_problem`), oldest first."""
+    return [p for p in _step_directories(output_dir) if checkpoint_problem(p) is None]
+
+
+def _discard(directory: Path) -> None:
+    """Remove a checkpoint directory: renamed first (atomic: it stops being a checkpoint at
+    once), then deleted."""
+    trash = directory.with_name(f".deleting-{directory.name}-{os.getpid()}")
+    os.replace(directory, trash)
+    fsync_dir(directory.parent)
+    fault_point("checkpoint-prune")
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _sync_files(directory: Path) -> dict[str, int]:
+    """fsync every file under ``directory``; their sizes by relative path."""
+    files = {}
+    for path in sorted(p for p in directory.rglob("*") if p.is_file()):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        files[path.relative_to(directory).as_posix()] = path.stat().st_size
+    for sub in {p.parent for p in directory.rglob("*")} | {directory}:
+        fsync_dir(sub)
+    return files
+
+
+# -- settings saved with a checkpoint ---------------------------------------------------------
+def run_settings(cfg: RecipeConfig, accelerator: Any) -> dict[str, Any]:
+    """The settings that define what a run trains: every setting except
+    :data:`RESUME_FREE_SETTINGS`, plus the precision, engine and number of processes."""
+    settings = {k: v for k, v in asdict(cfg).items() if k not in RESUME_FREE_SETTINGS}
+    settings["optimizer"] = normal_name(cfg.optimizer)
+    if cfg.betas is not None:
+        settings["betas"] = [float(b) for b in cfg.betas]
+    settings["mixed_precision"] = str(accelerator.mixed_precision)
+    settings["engine"] = engine_name(accelerator)
+    settings["num_processes"] = accelerator.num_processes
+    return json.loads(json.dumps(settings, default=str))
+
+
+def settings_changes(saved: dict[str, Any], now: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{setting: {"saved": ..., "now": ...}}`` for each setting that differs.
+
+    A setting the checkpoint did not record (added to the recipe later) counts as changed only
+    when it is not at its default.
+    """
+    defaults = json.loads(json.dumps(asdict(RecipeConfig()), default=str))
+    changes = {}
+    for key in sorted(now):
+        before = saved.get(key, defaults.get(key, now[key]))
+        if before != now[key]:
+            changes[key] = {"saved": before, "now": now[key]}
+    return changes
+
+
+def _describe_changes(changes: dict[str, dict[str, Any]], saved: dict[str, Any],
+                      now: dict[str, Any]) -> str:
+    lines = [f"  {k}: saved {v['saved']!r}, now {v['now']!r}" for k, v in changes.items()]
+    batch_keys = ("batch_size", "gradient_accumulation_steps", "num_processes")
+    if set(changes) & set(batch_keys) and all(k in saved for k in batch_keys):
+        before, after = (math.prod(int(d[k]) for k in batch_keys) for d in (saved, now))
+        lines.append(f"  (global batch: saved {before} sequences per step, now {after})")
+    return "\n".join(lines)
+
+
+def check_resume_settings(directory: Path, cfg: RecipeConfig,
+                          accelerator: Any) -> dict[str, dict[str, Any]]:
+    """Compare this run's settings with those ``directory`` was saved with, before anything is
+    loaded.
+
+    Returns
+    -------
+    dict
+        The differences (empty when none), allowed by ``allow_config_change``.
+
+    Raises
+    ------
+    CheckpointError
+        Settings differ (each listed, saved vs now) and ``allow_config_change`` is false.
+    """
+    now = run_settings(cfg, accelerator)
+    path = Path(directory) / SETTINGS_FILE
+    if not path.exists():
+        if cfg.allow_config_change:
+            return {"(all)": {"saved": f"{path} missing", "now": "not checked"}}
+        raise CheckpointError(
+            f"{path} is missing (a checkpoint of an older recipe version): its settings cannot be "
+            "checked against this run's. Pass --allow-config-change true to resume anyway.")
+    data = json.loads(path.read_text(encoding="utf-8"))
+    saved = data.get("settings") if isinstance(data, dict) else None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} is unreadable: expected an object with 'settings'")
+    changes = settings_changes(saved, now)
+    if changes and not cfg.allow_config_change:
+        raise CheckpointError(
+            f"resume_from: {directory} was saved with other settings than this run's:\n"
+            f"{_describe_changes(changes, saved, now)}\n"
+            "Resume with the saved settings, or pass --allow-config-change true to continue "
+            "with the new ones (the differences are then logged to metrics.jsonl and "
+            "summary.json).")
+    if changes and accelerator.is_main_process:
+        print(f"[pretrain] warning: resuming {directory} with changed settings "
+              f"(--allow-config-change true):\n{_describe_changes(changes, saved, now)}",
+              file=sys.stderr, flush=True)
+    return changes
+
+
+# -- resume state the recipe saves itself (JSON; nothing of it is unpickled) -----------------
+def rng_state(accelerator: Any) -> dict[str, Any]:
+    """This process's random generators as JSON-ready data: python ``random``, numpy's global
+    generator, torch's CPU generator, every CUDA device's (when CUDA is available), and
+    accelerate's micro-step counter (which accelerate used to keep with its RNG file)."""
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()  # noqa: NPY002 - the global one
+
+    def encode(t: torch.Tensor) -> str:
+        return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+    return {
+        "python": [version, list(internal), gauss],
+        "numpy": [str(name), [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+        "torch": encode(torch.get_rng_state()),
+        "cuda": ([encode(t) for t in torch.cuda.get_rng_state_all()]
+                 if torch.cuda.is_available() else []),
+        "accelerate_step": int(accelerator.step),
+    }
+
+
+def _decode_generators(data: dict[str, Any]) -> dict[str, Any]:
+    """The generator states in :func:`rng_state`'s data, each tried on a scratch generator."""
+    import numpy as np
+
+    version, internal, gauss = data["python"]
+    python = (int(version), tuple(int(x) for x in internal),
+              None if gauss is None else float(gauss))
+    random.Random().setstate(python)
+    name, keys, pos, has_gauss, cached = data["numpy"]
+    numpy_state = (str(name), np.asarray(keys, dtype=np.uint32), int(pos), int(has_gauss),
+                   float(cached))
+    np.random.RandomState().set_state(numpy_state)
+
+    def decode(text: str) -> torch.Tensor:
+        return torch.frombuffer(bytearray(base64.b64decode(text, validate=True)),
+                                dtype=torch.uint8).clone()
+
+    cpu = decode(data["torch"])
+    torch.Generator().set_state(cpu)
+    cuda = [decode(t) for t in data["cuda"]]
+    return {"python": python, "numpy": numpy_state, "cpu": cpu, "cuda": cuda,
+            "step": int(data["accelerate_step"])}
+
+
+def _decode_rng(data: Any) -> dict[str, Any]:
+    """:func:`rng_state`'s data as generator states, each checked on a scratch generator (the
+    global ones are untouched).
+
+    Raises
+    ------
+    ValueError
+        Missing keys, wrong types or sizes; the message says which.
+    """
+    if not isinstance(data, dict):
+        raise ValueError("expected a JSON object")
+    missing = sorted({"python", "numpy", "torch", "cuda", "accelerate_step"} - set(data))
+    if missing:
+        raise ValueError(f"no {', '.join(missing)}")
+    try:
+        states = _decode_generators(data)
+    except (TypeError, ValueError, RuntimeError, OverflowError, IndexError, KeyError) as e:
+        raise ValueError(f"not a valid generator state ({str(e).splitlines()[0][:200]})"
+                         ) from None
+    cuda = states["cuda"]
+    if torch.cuda.is_available():
+        if len(cuda) != torch.cuda.device_count():
+            raise ValueError(f"{len(cuda)} CUDA generator states for "
+                             f"{torch.cuda.device_count()} devices")
+        sizes = [t.numel() for t in torch.cuda.get_rng_state_all()]
+        if [t.numel() for t in cuda] != sizes:
+            raise ValueError("CUDA generator states of the wrong size")
+    return states
+
+
+@dataclass
+class ResumeParts:
+    """What :func:`verify_checkpoint` read from a checkpoint for this process, before anything
+    was loaded: the scheduler's state, this process's generator states (``None`` when they
+    could not be read and ``allow_inexact_resume`` accepted that), what was accepted, and the
+    refresh schedule's state (``None`` without ``refresh_schedule`` or a saved state)."""
+
+    scheduler: dict[str, Any]
+    rng: dict[str, Any] | None
+    inexact: list[str]
+    refresh: dict[str, Any] | None = None
+
+
+def _refuse_accelerate_pickles(directory: Path) -> None:
+    for path in sorted(directory.rglob("*.pkl")):
+        if ACCELERATE_PICKLES.fullmatch(path.name):
+            raise CheckpointError(
+                f"{path}: refused: accelerate would unpickle this file (custom_checkpoint_*.pkl "
+                "with weights_only=False), or drop it silently when unreadable "
+                "(random_states_*.pkl); this recipe saves the scheduler and the RNG states as "
+                f"{SCHEDULER_FILE} and {RNG_FILE.format('<i>')} instead, so the checkpoint was "
+                "written by an older recipe version or the file was planted")
+
+
+def _check_engine_files(directory: Path, accelerator: Any) -> None:
+    engine_files = {"deepspeed": safe_load.DEEPSPEED_GLOBALS}.get(
+        engine_name(accelerator).partition("-")[0], ())
+    try:
+        safe_load.check_directory(directory, torch_globals=engine_files, skip={
+            p.name for p in directory.glob(RNG_FILE.format("*"))})  # read below, allowance
+    except safe_load.UnsafeFileError as e:
+        raise CheckpointError(f"cannot resume from {directory}: {e}") from None
+
+
+def _read_scheduler(directory: Path) -> dict[str, Any]:
+    path = directory / SCHEDULER_FILE
+    scheduler = read_checkpoint_json(path, "the learning-rate schedule cannot be restored")
+    if not isinstance(scheduler, dict) or not isinstance(scheduler.get("last_epoch"), int):
+        raise CheckpointError(f"{path} is unreadable: expected a scheduler state_dict with "
+                              "'last_epoch'")
+    return scheduler
+
+
+def _read_refresh_state(directory: Path, cfg: RecipeConfig) -> dict[str, Any] | None:
+    """The saved :class:`~lowrank_optim.schedules.RefreshScheduler` state, if the run has a
+    schedule and the checkpoint one (else the schedule is rebuilt from the optimizer)."""
+    path = directory / REFRESH_FILE
+    if not cfg.refresh_schedule or not path.exists():
+        return None
+    data = read_checkpoint_json(path, "the refresh schedule cannot be restored")
+    if not isinstance(data, dict) or not isinstance(data.get("layers"), list):
+        raise CheckpointError(f"{path} is unreadable: expected a refresh schedule state with "
+                              "'layers'")
+    return data
+
+
+def _read_rng_states(directory: Path, accelerator: Any) -> tuple[dict[str, Any] | None,
+                                                                   list[str]]:
+    """This process's generator states and the problems with every process's file."""
+    inexact, mine = [], None
+    for rank in range(accelerator.num_processes):
+        path = directory / RNG_FILE.format(rank)
+        try:
+            rng = _decode_rng(json.loads(path.read_text(encoding="utf-8")))
+        except FileNotFoundError:
+            inexact.append(f"{path} is missing: process {rank}'s random generators cannot be "
+                           "restored")
+            continue
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, ValueError) as e:
+            inexact.append(f"{path} is unreadable ({e}): process {rank}'s random generators "
+                           "cannot be restored")
+            continue
+        if rank == accelerator.process_index:
+            mine = rng
+    return mine, inexact
+
+
+def verify_checkpoint(directory: Path, cfg: RecipeConfig, accelerator: Any) -> ResumeParts:
+    """Check every file of ``directory`` before accelerate or an engine loads any of it.
+
+    * Pickle-based files (``optimizer.bin``, DeepSpeed's ``*_states.pt``, FSDP2's ``.metadata``
+      and non-tensor items) must load with ``torch.load(weights_only=True)`` or a restricted
+      unpickler (:mod:`lowrank_optim.safe_load`); ``model.safetensors`` must read as
+      safetensors, the JSON files as JSON.
+    * ``custom_checkpoint_<i>.pkl`` / ``random_states_<i>.pkl`` (accelerate's pickles, written
+      by recipe versions before issue 19) are refused: the recipe never lets accelerate read
+      them.
+    * ``scheduler.json``, ``refresh_schedule.json`` (with ``refresh_schedule``) and every
+      process's ``rng_state_<i>.json`` are read and checked here.
+      An RNG file that is missing or unreadable fails the resume too, unless
+      ``allow_inexact_resume``: then the run continues with this run's seeded generators, is no
+      longer bit-exact, and says so (console, ``metrics.jsonl``, ``summary.json``).
+
+    Every process checks every file, so all reach the same decision.
+
+    Raises
+    ------
+    CheckpointError
+        A file is missing, truncated, unreadable or refused as unsafe; the message names the
+        file and the reason.
+    """
+    directory = Path(directory)
+    _refuse_accelerate_pickles(directory)
+    _check_engine_files(directory, accelerator)
+    scheduler = _read_scheduler(directory)
+    refresh = _read_refresh_state(directory, cfg)
+    mine, inexact = _read_rng_states(directory, accelerator)
+    if inexact and not cfg.allow_inexact_resume:
+        raise CheckpointError(
+            f"cannot resume exactly from {directory}:\n  " + "\n  ".join(inexact) + "\n"
+            "Pass --allow-inexact-resume true to continue with freshly seeded generators (the "
+            "run is then no longer bit-exact; logged to metrics.jsonl and summary.json).")
+    if inexact and accelerator.is_main_process:
+        print(f"[pretrain] warning: inexact resume from {directory} (--allow-inexact-resume "
+              "true), the run is no longer bit-exact:\n  " + "\n  ".join(inexact),
+              file=sys.stderr, flush=True)
+    return ResumeParts(scheduler, mine, inexact, refresh)
+
+
+def restore_parts(parts: ResumeParts, scheduler: Any, accelerator: Any) -> None:
+    """Load what :func:`verify_checkpoint` read: the scheduler's state and this process's
+    generators (after ``accelerator.load_state``, where accelerate restored them before)."""
+    import numpy as np
+
+    scheduler.load_state_dict(parts.scheduler)
+    if parts.rng is None:
+        return
+    random.setstate(parts.rng["python"])
+    np.random.set_state(parts.rng["numpy"])  # noqa: NPY002 - the global generator
+    torch.set_rng_state(parts.rng["cpu"])
+    if parts.rng["cuda"]:
+        torch.cuda.set_rng_state_all(parts.rng["cuda"])
+    accelerator.step = parts.rng["step"]
+
+
+# -- saving -----------------------------------------------------------------------------------
+def _save_parts(directory: Path, scheduler: Any, accelerator: Any, refresh: Any) -> None:
+    """Each process: its generators as ``rng_state_<i>.json`` (accelerate's pickle of them is
+    removed); the main process: ``scheduler.json`` and, with a refresh schedule (``refresh``,
+    the same on every process), ``refresh_schedule.json``.
+
+    Plain writes, like accelerate's files: they are fsynced with the others before
+    ``train_state.json``, which marks the checkpoint complete, is written.
+    """
+    (directory / f"random_states_{accelerator.process_index}.pkl").unlink(missing_ok=True)
+    (directory / RNG_FILE.format(accelerator.process_index)).write_text(
+        json.dumps(rng_state(accelerator)), encoding="utf-8")
+    if accelerator.is_main_process:
+        (directory / SCHEDULER_FILE).write_text(json.dumps(scheduler.state_dict()),
+                                                encoding="utf-8")
+        if refresh is not None:
+            (directory / REFRESH_FILE).write_text(json.dumps(refresh.state_dict()),
+                                                  encoding="utf-8")
+
+
+def save_checkpoint(accelerator: Any, state: TrainState, cfg: RecipeConfig,
+                    scheduler: Any, refresh: Any = None) -> Path:
+    """``accelerator.save_state`` (model as safetensors, optimizer) plus, written by the recipe
+    as JSON, the scheduler, the refresh schedule (``refresh``, a ``RefreshScheduler`` or
+    None), the RNG states of every process, the settings and the data position; older
+    checkpoints beyond ``keep_checkpoints`` are removed.
+
+    Crash safety: the files are fsynced, the settings and then ``train_state.json`` (the
+    completion marker, listing every file and its size) are written atomically, and a
+    checkpoint is removed by renaming it first; a kill at any moment leaves complete
+    checkpoints and at most one incomplete one, which ``--resume-from latest`` skips.
+    """
+    root = Path(cfg.output_dir) / "checkpoints"
+    directory = root / f"step_{state.step}"
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        if directory.exists():  # an interrupted save of this step: start afresh
+            _discard(directory)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(directory))
+    _save_parts(directory, scheduler, accelerator, refresh)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        fault_point("checkpoint-state")
+        state.files = _sync_files(directory)
+        atomic_write(directory / SETTINGS_FILE, json.dumps(
+            {"settings": run_settings(cfg, accelerator), "config": flat_config(cfg)}, indent=1))
+        state.save(directory)  # written last: marks the checkpoint complete
+        prune(cfg, state.step)
+    accelerator.wait_for_everyone()
+    return directory
+
+
+def prune(cfg: RecipeConfig, step: int) -> None:
+    """Keep the newest ``keep_checkpoints`` complete checkpoints; remove the older ones, and
+    interrupted saves before ``step``, and finish interrupted deletions."""
+    complete = checkpoints(cfg.output_dir)
+    for old in complete[:-cfg.keep_checkpoints]:
+        _discard(old)
+    for path in _step_directories(cfg.output_dir):  # interrupted saves of earlier steps
+        if path not in complete and int(path.name.split("_")[1]) < step:
+            _discard(path)
+    _finish_deletions(cfg.output_dir)
+
+
+def _finish_deletions(output_dir: str | os.PathLike) -> None:
+    """Delete what :func:`_discard` renamed but was killed before deleting."""
+    for trash in (Path(output_dir) / "checkpoints").glob(".deleting-step_*"):
+        shutil.rmtree(trash, ignore_errors=True)
+
+
+# -- choosing the checkpoint to resume --------------------------------------------------------
+def resume_directory(cfg: RecipeConfig, verbose: bool = True) -> Path | None:
+    """The checkpoint to resume from: ``None`` (``resume_from`` unset, or ``latest`` with no
+    complete checkpoint yet), the newest complete one for ``latest``, or the given directory.
+
+    ``latest`` skips incomplete or unreadable checkpoints with a warning (when ``verbose``) and
+    falls back to the previous complete one.
+
+    Raises
+    ------
+    CheckpointError
+        An explicit directory that is not a complete, readable checkpoint (the message names
+        the file and the reason).
+    """
+    if cfg.resume_from in (None, ""):
+        return None
+    if cfg.resume_from == "latest":
+        for path in reversed(_step_directories(cfg.output_dir)):
+            problem = checkpoint_problem(path)
+            if problem is None:
+                return path
+            if verbose:
+                warnings.warn(f"resume_from=latest: skipping {path}: {problem}", RuntimeWarning,
+                              stacklevel=2)
+        return None
+    path = Path(cfg.resume_from)
+    if not path.is_dir():
+        raise CheckpointError(f"resume_from={cfg.resume_from!r}: no such checkpoint directory")
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise CheckpointError(f"resume_from={cfg.resume_from!r} cannot be resumed: {problem}")
+    return path
+
+
+def set_aside_later_checkpoints(output_dir: str | os.PathLike, step: int) -> None:
+    """Checkpoints after ``step`` belong to a run this one replaces (started afresh, or resumed
+    from an earlier checkpoint); renamed ``superseded_step_<n>`` so that ``latest`` cannot pick
+    them, with a warning.  Incomplete ones are removed."""
+    for path in _step_directories(output_dir):
+        if int(path.name.split("_")[1]) <= step:
+            continue
+        if checkpoint_problem(path) is not None:
+            _discard(path)
+            continue
+        target, n = path.with_name(f"superseded_{path.name}"), 1
+        while target.exists():
+            target, n = path.with_name(f"superseded_{path.name}.{n}"), n + 1
+        os.replace(path, target)
+        fsync_dir(path.parent)
+        warnings.warn(f"{path} is later than the step this run starts from ({step}): moved to "
+                      f"{target} so that --resume-from latest cannot pick it", RuntimeWarning,
+                      stacklevel=2)

@@ -1,0 +1,94 @@
+"""Helpers shared by the test modules (``from tests.helpers import ...``): the tiny LLaMA, token
+batches with learnable structure, a training loop, checkpoint round trips and resume checks.
+
+Importing this module sets nothing up; the environment and thread settings of a pytest run live
+in ``tests/conftest.py``.
+"""
+
+import io
+
+import torch
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    from lowrank_optim.model_configs import build_llama
+
+    return build_llama("tiny", seed=seed, **overrides)
+
+
+def token_batches(n: int, batch: int = 4, seq: int = 32, vocab: int = 256, seed: int = 0):
+    """Deterministic token batches with learnable structure (repeating random motifs)."""
+    g = torch.Generator().manual_seed(seed)
+    motifs = torch.randint(0, vocab, (8, 8), generator=g)
+    out = []
+    for _ in range(n):
+        idx = torch.randint(0, 8, (batch, seq // 8), generator=g)
+        out.append(motifs[idx].reshape(batch, seq))
+    return out
+
+
+def lm_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def train(model, opt, batches) -> list[float]:
+    """One ``opt`` step per batch of ``lm_loss``; returns the losses."""
+    losses = []
+    for ids in batches:
+        opt.zero_grad()
+        loss = lm_loss(model, ids)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+def roundtrip(obj):
+    """``torch.save`` then ``torch.load(weights_only=True)``: what a checkpoint gives back."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+def assert_same_training_state(model, opt, other_model, other_opt):
+    """Parameters and optimizer state of two runs equal bit for bit, dtypes included."""
+    for (n, a), b in zip(model.named_parameters(), other_model.parameters(), strict=True):
+        assert torch.equal(a, b), f"{n} differs after resume"
+    for sa, sb in zip(opt.state.values(), other_opt.state.values(), strict=True):
+        assert sa.keys() == sb.keys()
+        for k in sa:
+            assert sa[k].dtype == sb[k].dtype and torch.equal(sa[k], sb[k]), k
+
+
+def resume_midway(make, build, seed: int, batches, split: int):
+    """Train ``build(seed)`` with ``make`` on ``batches[:split]``, checkpoint model and optimizer
+    through :func:`roundtrip`, restore both into fresh objects (``build(99)``: other initial
+    weights, so the load must do the work) and train on ``batches[split:]``.
+
+    ``make`` runs before the model's weights are loaded, since it may change the model (SST
+    converts its layers).  Returns ``(model, optimizer, loaded optimizer state dict)``.
+    """
+    model = build(seed)
+    opt = make(model)
+    train(model, opt, batches[:split])
+    model_sd, opt_sd = roundtrip(model.state_dict()), roundtrip(opt.state_dict())
+    fresh_model = build(99)
+    fresh = make(fresh_model)
+    fresh_model.load_state_dict(model_sd)
+    fresh.load_state_dict(opt_sd)
+    train(fresh_model, fresh, batches[split:])
+    return fresh_model, fresh, opt_sd
+
+
+def random_grads(n: int, seed: int = 0):
+    """``n`` random 16 x 16 gradients per call (a fresh draw each time)."""
+    g = torch.Generator().manual_seed(seed)
+    return lambda t: [torch.randn(16, 16, generator=g) for _ in range(n)]
+
+
+def stable_grads(n: int, seed: int = 0, noise: float = 1e-3):
+    """Rank-2 gradients with a fixed column space, plus a little noise."""
+    g = torch.Generator().manual_seed(seed)
+    bases = [torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g) for _ in range(n)]
+    return lambda t: [b + noise * torch.randn(16, 16, generator=g) for b in bases]
