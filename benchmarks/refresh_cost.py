@@ -19,14 +19,18 @@ optimizer step (moments + projector or indices); the DCT basis is listed once pe
     python -m benchmarks.refresh_cost --svd-max 2048  # skip the 4096-row SVDs (~70 s of it)
     python -m benchmarks.refresh_cost --quick         # up to 2048 x 2048 only (~15 s)
     python -m benchmarks.refresh_cost --shapes 1024x1024,4096x11008 --repeats 5
+    python -m benchmarks.refresh_cost --device cuda --shapes 2048x2048,2048x5461 \
+        --json refresh.json --no-write       # scripts/gpu_check.sh's run
 
-Results go to ``benchmarks/results/refresh_cost_cpu.md`` (``--no-write`` prints only).  Wall
-times on a shared machine move with its load; the 1-minute load average is recorded.
+Results go to ``benchmarks/results/refresh_cost_<cpu|cuda>.md`` (``--no-write`` prints only;
+``--json`` writes the timings too).  On CUDA every timed run is synchronised.  Wall times on a
+shared machine move with its load; the 1-minute load average is recorded.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
@@ -34,13 +38,19 @@ import time
 import torch
 
 import lowrank_optim as lo
-from benchmarks._common import write_result
+from benchmarks._common import machine, write_result
 from lowrank_optim.memory import state_bytes
 
 #: (rows, cols) of LLaMA weights and the GaLore paper's rank for that model size
 DEFAULT_SHAPES = ["512x512", "1024x1024", "2048x2048", "4096x4096", "4096x11008"]
 PAPER_RANKS = {512: 128, 1024: 256, 2048: 512, 4096: 1024}
 METHODS = ("svd", "dct matmul", "dct fft")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def parse_shape(text: str) -> tuple[int, int]:
@@ -48,11 +58,16 @@ def parse_shape(text: str) -> tuple[int, int]:
     return rows, cols
 
 
-def time_refresh(fn, repeats: int, slow_s: float) -> tuple[float, int]:
+def time_refresh(fn, repeats: int, slow_s: float,
+                 device: torch.device | None = None) -> tuple[float, int]:
     """Median seconds of ``fn()`` over ``repeats`` runs after one warm-up; a first run slower
-    than ``slow_s`` is reported alone (the warm-up is skipped for it)."""
+    than ``slow_s`` is reported alone (the warm-up is skipped for it).  On CUDA each run is
+    synchronised before and after."""
+    device = device or torch.device("cpu")
+    _sync(device)
     t0 = time.perf_counter()
     fn()
+    _sync(device)
     first = time.perf_counter() - t0
     if first > slow_s:
         return first, 1
@@ -60,6 +75,7 @@ def time_refresh(fn, repeats: int, slow_s: float) -> tuple[float, int]:
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        _sync(device)
         times.append(time.perf_counter() - t0)
     return statistics.median(times), repeats
 
@@ -72,25 +88,28 @@ def make_optimizer(method: str, param: torch.nn.Parameter, rank: int) -> lo.LowR
 
 
 def measure(shape: tuple[int, int], rank: int, svd_max: int, repeats: int, slow_s: float,
-            seed: int = 0) -> dict:
-    grad = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+            seed: int = 0, device: str = "cpu", dtype: torch.dtype = torch.float32) -> dict:
+    dev = torch.device(device)
+    grad = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dev, dtype)
     row: dict = {"shape": shape, "rank": rank}
     for method in METHODS:
         if method == "svd" and min(shape) > svd_max:
             row[method] = None
             continue
-        param = torch.nn.Parameter(torch.zeros(shape))
+        param = torch.nn.Parameter(torch.zeros(shape, device=dev, dtype=dtype))
         opt = make_optimizer(method, param, rank)
         group, state = opt.param_groups[0], opt.state[param]
         if method != "svd":
             _, n = lo.projectors.dct_side(shape)
+            _sync(dev)
             t0 = time.perf_counter()
             opt.projector.basis(n, grad.device, grad.dtype)
+            _sync(dev)
             row["basis build s"] = time.perf_counter() - t0
         def refresh(opt=opt, group=group, state=state) -> None:
             opt.projector.refresh(grad, state, group, opt.rule)
 
-        seconds, runs = time_refresh(refresh, repeats, slow_s)
+        seconds, runs = time_refresh(refresh, repeats, slow_s, dev)
         # one real step on the refreshed subspace (gap None: no second refresh) for the bytes
         param.grad = grad
         opt.step()
@@ -150,7 +169,7 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(DEFAULT_SHAPES),
                         help="comma-separated ROWSxCOLS (default: LLaMA shapes 512..4096x11008)")
@@ -166,7 +185,14 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="shapes up to 2048 x 2048 only (under a minute on 2 cores)")
     parser.add_argument("--no-write", action="store_true", help="print only")
-    args = parser.parse_args()
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                        help="gradient dtype (the SVD runs in fp32 either way)")
+    parser.add_argument("--json", default=None, help="write the timings here as JSON")
+    args = parser.parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA GPU is available")
     torch.set_num_threads(args.threads)
     shapes = [parse_shape(s) for s in args.shapes.split(",")]
     if args.quick:
@@ -177,15 +203,23 @@ def main() -> None:
     rows = []
     for shape in shapes:
         rank = args.rank or PAPER_RANKS.get(min(shape), max(1, min(shape) // 4))
-        row = measure(shape, rank, args.svd_max, args.repeats, args.slow_s)
+        row = measure(shape, rank, args.svd_max, args.repeats, args.slow_s,
+                      device=args.device, dtype=DTYPES[args.dtype])
         rows.append(row)
         done = {m: (f"{row[m]['s'] * 1e3:,.1f} ms" if row[m] else "skipped") for m in METHODS}
         print(f"{shape[0]} x {shape[1]} r={rank}: {done}", flush=True)
+        if args.json:
+            write_json(args.json, rows, args, complete=False)
+    if args.json:
+        write_json(args.json, rows, args, complete=True)
 
     load_end = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     skipped = [f"{r['shape'][0]} x {r['shape'][1]}" for r in rows if r["svd"] is None]
+    where = ("" if device.type == "cpu" else
+             f" on {torch.cuda.get_device_name(device)} (each run synchronised)")
     notes = [
-        f"Refresh time of one layer, fp32, median of {args.repeats} runs after a warm-up "
+        f"Refresh time of one layer{where}, {args.dtype}, median of {args.repeats} runs after "
+        "a warm-up "
         f"(a first run over {args.slow_s:g} s is reported alone: see the runs column); "
         f"torch threads {args.threads}; 1-minute load average {load:.2f} at the start, "
         f"{load_end:.2f} at the end (this run's own threads count; a higher load means other "
@@ -200,8 +234,31 @@ def main() -> None:
     body = "\n\n".join(notes) + "\n\n" + table(rows)
     print("\n" + body)
     if not args.no_write:
-        path = write_result("refresh_cost_cpu", "Subspace refresh cost on CPU: SVD vs DCT", body)
+        if device.type == "cpu":
+            path = write_result("refresh_cost_cpu", "Subspace refresh cost on CPU: SVD vs DCT",
+                                body)
+        else:
+            path = write_result("refresh_cost_cuda", "Subspace refresh cost on GPU: SVD vs DCT",
+                                body)
         print(f"\nwrote {path}")
+
+
+def write_json(path: str, rows: list[dict], args: argparse.Namespace, complete: bool) -> None:
+    """The timings (seconds, runs, state bytes) of every row, and the settings."""
+    def method(cell: dict | None) -> dict | None:
+        if cell is None:
+            return None
+        b = cell["bytes"]
+        return {"s": cell["s"], "runs": cell["runs"], "state_bytes": b.total,
+                "projector_bytes": b.projectors, "index_bytes": b.indices}
+
+    out = {"device": args.device, "machine": machine(), "dtype": args.dtype,
+           "repeats": args.repeats, "complete": complete,
+           "rows": [{"shape": list(r["shape"]), "rank": r["rank"],
+                     "basis_build_s": r.get("basis build s"),
+                     **{m: method(r[m]) for m in METHODS}} for r in rows]}
+    with open(path, "w") as f:
+        json.dump(out, f, indent=1)
 
 
 if __name__ == "__main__":

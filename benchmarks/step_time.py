@@ -9,126 +9,315 @@ against galore-torch from the same run.
 
     python -m benchmarks.step_time            # 60m and 350m, writes results/step_time_<dev>.md
     python -m benchmarks.step_time --quick    # fewer steps
+    python -m benchmarks.step_time --device cuda --dtype bf16 --scope model --configs 350m 1b \
+        --optimizers "torch AdamW fused" lowrank_optim "lowrank_optim DCT" "lowrank_optim 8-bit" \
+        --backends triton torch --baseline "torch AdamW fused" --refreshes 0 \
+        --init-subspace random --json step.json --no-write   # scripts/gpu_check.sh's run
+
+``--scope model`` steps every tensor of the model (embedding, each layer's 7 weights and 2
+norms, final norm, head; the targeted weights projected, the rest in a plain group as
+``create_optimizer`` builds them) instead of one block.  ``--backends triton torch`` times each
+of our optimizers once per kernel backend (``lowrank_optim.kernels.set_backend``, set around
+each step).  ``--init-subspace random`` gives the GaLore optimizers their first subspace
+without the exact SVDs (a first step on the meta device, its state loaded with random values
+through ``load_state_dict``): steady-step timings depend on shapes, not values, and the SVDs of
+a whole 1B model take minutes on a GPU (``benchmarks.refresh_cost`` times them per layer).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
 import time
+from contextlib import contextmanager
 
 import torch
 
 import lowrank_optim as lo
 from benchmarks._common import block_params, machine, sync, write_result
+from lowrank_optim import kernels
 from lowrank_optim.memory import state_bytes
+from lowrank_optim.model_configs import LLAMA_SHAPES, LLAMA_VOCAB
 
-RANKS = {"60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+RANKS = {"tiny": 16, "60m": 128, "130m": 256, "350m": 256, "1b": 512, "7b": 1024}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 #: the optimizers compared; DCT re-selects its subspace every step (its default), so all its
 #: steps are refresh steps and the gap does not apply to it
 NAMES = ["torch AdamW", "galore-torch", "lowrank_optim", "lowrank_optim DCT", "lowrank_optim 8-bit"]
 EVERY_STEP = {"lowrank_optim DCT"}
-NO_SUBSPACE = {"torch AdamW"}
+NO_SUBSPACE = {"torch AdamW", "torch AdamW fused"}
+#: optimizers that may also be named (``--optimizers``); not in the default table
+EXTRA = ["torch AdamW fused"]
+#: ours: the names ``--backends`` times once per kernel backend (``name [backend]``)
+OURS = {"lowrank_optim", "lowrank_optim DCT", "lowrank_optim 8-bit"}
 
 
-def make(name: str, params, rank: int, gap: int):
+def split_name(name: str) -> tuple[str, str | None]:
+    """``"lowrank_optim [triton]"`` -> ``("lowrank_optim", "triton")``; no suffix: ``None``."""
+    if name.endswith("]") and " [" in name:
+        base, backend = name[:-1].rsplit(" [", 1)
+        return base, backend
+    return name, None
+
+
+def make(name: str, params, rank: int, gap: int, plain=None):
+    """Optimizer ``name`` over ``params`` (projected) and ``plain`` (unprojected, optional)."""
+    name = split_name(name)[0]
     group = [{"params": params, "rank": rank, "update_proj_gap": gap, "scale": 0.25,
               "proj_type": "std"}]
+    rest = [{"params": plain}] if plain else []
     if name == "lowrank_optim DCT":
-        return lo.DCTAdamW([{**group[0], "update_proj_gap": 1}], lr=1e-3)
+        return lo.DCTAdamW([{**group[0], "update_proj_gap": 1}, *rest], lr=1e-3)
     if name == "lowrank_optim 8-bit":
-        return lo.GaLoreAdamW8bit(group, lr=1e-3)
-    if name == "torch AdamW":
-        return torch.optim.AdamW(params, lr=1e-3)
+        return lo.GaLoreAdamW8bit(group + rest, lr=1e-3)
+    if name in ("torch AdamW", "torch AdamW fused"):
+        fused = {"fused": True} if name.endswith("fused") else {}
+        return torch.optim.AdamW(list(params) + list(plain or []), lr=1e-3, **fused)
     if name == "galore-torch":
         import galore_torch
 
-        return galore_torch.GaLoreAdamW(group, lr=1e-3)
-    return lo.GaLoreAdamW(group, lr=1e-3)
+        return galore_torch.GaLoreAdamW(group + rest, lr=1e-3)
+    return lo.GaLoreAdamW(group + rest, lr=1e-3)
 
 
-def _timed_step(opt: torch.optim.Optimizer) -> float:
-    sync()
-    t0 = time.perf_counter()
-    opt.step()
-    sync()
-    return time.perf_counter() - t0
+def model_params(config: str, device: str, dtype: torch.dtype = torch.float32,
+                 layers: int | None = None) -> tuple[list, list]:
+    """``(projected, plain)``: every tensor of a LLaMA ``config`` (``layers`` overrides its
+    depth) with fixed random gradients, made on ``device``.  Projected: each layer's q, k, v,
+    o, gate, up, down and the head (the ``nn.Linear`` weights ``create_optimizer`` targets);
+    plain: the embedding and the RMSNorm weights."""
+    hidden, inter, _, depth = LLAMA_SHAPES[config]
+    vocab = LLAMA_VOCAB.get(config, 32000)
+    linear = [(hidden, hidden)] * 4 + [(inter, hidden)] * 2 + [(hidden, inter)]
+    projected = linear * (depth if layers is None else layers) + [(vocab, hidden)]
+    plain = [(vocab, hidden)] + [(hidden,)] * (2 * (depth if layers is None else layers) + 1)
+    g = torch.Generator(device=device).manual_seed(0)
+
+    def make_param(shape):
+        p = torch.nn.Parameter(torch.randn(shape, generator=g, device=device, dtype=dtype)
+                               .mul_(0.02))
+        p.grad = torch.randn(shape, generator=g, device=device, dtype=dtype)
+        return p
+
+    return [make_param(s) for s in projected], [make_param(s) for s in plain]
+
+
+def random_subspace(opt: torch.optim.Optimizer, name: str, rank: int, gap: int,
+                    projected: list, plain: list) -> None:
+    """Give ``opt`` (a GaLore optimizer) a first subspace without SVDs: the same optimizer
+    steps once on meta copies of the tensors (no memory, no arithmetic), and its state, with
+    random projectors, zero moments and step 1, is loaded through ``load_state_dict``.  The
+    next step is then a steady one, on tensors of the real shapes and dtypes."""
+    def meta(ps):
+        out = []
+        for p in ps:
+            q = torch.nn.Parameter(torch.empty_like(p, device="meta"))
+            q.grad = torch.empty_like(q)
+            out.append(q)
+        return out
+
+    shadow = make(name, meta(projected), rank, gap, meta(plain) or None)
+    shadow.step()
+    sd = shadow.state_dict()
+    device = projected[0].device
+
+    def real(key: str, t):
+        if not isinstance(t, torch.Tensor):
+            return t
+        if key == "step":
+            return torch.ones(t.shape, dtype=t.dtype, device=device)
+        if key.startswith("proj_") and t.is_floating_point():
+            return torch.randn(t.shape, dtype=t.dtype, device=device).mul_(t.shape[-1] ** -0.5)
+        return torch.zeros(t.shape, dtype=t.dtype, device=device)
+
+    sd["state"] = {i: {k: real(k, v) for k, v in st.items()} for i, st in sd["state"].items()}
+    opt.load_state_dict(sd)
+
+
+@contextmanager
+def backend_of(name: str):
+    """The kernel backend ``name`` asks for (``"... [triton]"``) while stepping it."""
+    backend = split_name(name)[1]
+    if backend is None:
+        yield
+        return
+    previous = kernels.set_backend(backend)
+    try:
+        yield
+    finally:
+        kernels.set_backend(previous)
+
+
+def _timed_step(opt: torch.optim.Optimizer, name: str = "") -> float:
+    with backend_of(name):
+        sync()
+        t0 = time.perf_counter()
+        opt.step()
+        sync()
+        return time.perf_counter() - t0
 
 
 def measure(names: list[str], config: str, device: str, gap: int, steady_steps: int,
-            refreshes: int) -> dict[str, tuple[float, float, float, int]]:
+            refreshes: int, dtype: torch.dtype = torch.float32, scope: str = "block",
+            layers: int | None = None, init_subspace: str = "svd",
+            ) -> dict[str, tuple[float, float | None, float | None, int]]:
     """``{name: (steady s/step, refresh s/step, amortised s/step, state bytes)}``.
 
     The optimizers step in turn (the order rotating every round), so a change in machine load
     hits all of them alike; each figure is a median.  A steady step keeps the subspace; a
     refresh step recomputes it (a second copy of each optimizer with ``update_proj_gap=1``).
     Amortised = steady + (refresh - steady) / ``gap``: one refresh per ``gap`` steps, as in
-    training with ``update_proj_gap=gap``.
+    training with ``update_proj_gap=gap``.  Refresh and amortised are ``None`` for a subspace
+    optimizer when ``refreshes`` is 0 (not measured).
     """
     rank = RANKS[config]
-    steady_opts = {n: make(n, block_params(config, device), rank, 10**9) for n in names}
-    refresh_opts = {n: make(n, block_params(config, device), rank, 1) for n in names
-                    if n not in NO_SUBSPACE | EVERY_STEP}
-    for opt in [*steady_opts.values(), *refresh_opts.values()]:
-        opt.step()  # allocation + first subspace: not timed
+
+    def tensors() -> tuple[list, list]:
+        if scope == "model":
+            return model_params(config, device, dtype, layers)
+        params = block_params(config, device)
+        if dtype != torch.float32:
+            for p in params:
+                p.data, p.grad = p.data.to(dtype), p.grad.to(dtype)
+        return params, []
+
+    def build(name: str, gap_: int):
+        projected, plain = tensors()
+        opt = make(name, projected, rank, gap_, plain or None)
+        if init_subspace == "random" and split_name(name)[0] in ("lowrank_optim",
+                                                                  "lowrank_optim 8-bit"):
+            random_subspace(opt, name, rank, gap_, projected, plain)
+        return opt
+
+    steady_opts = {n: build(n, 10**9) for n in names}
+    refresh_opts = {n: build(n, 1) for n in names
+                    if n not in NO_SUBSPACE | EVERY_STEP and refreshes > 0}
+    for n, opt in [*steady_opts.items(), *refresh_opts.items()]:
+        with backend_of(n):
+            opt.step()  # allocation, first subspace, Triton autotuning: not timed
     times: dict[str, list[float]] = {n: [] for n in names}
     refresh: dict[str, list[float]] = {n: [] for n in refresh_opts}
     for i in range(max(steady_steps, refreshes)):
         order = names[i % len(names):] + names[:i % len(names)]
         for n in order:
             if i < steady_steps:
-                times[n].append(_timed_step(steady_opts[n]))
+                times[n].append(_timed_step(steady_opts[n], n))
             if i < refreshes and n in refresh_opts:
-                refresh[n].append(_timed_step(refresh_opts[n]))
+                refresh[n].append(_timed_step(refresh_opts[n], n))
     out = {}
     for n in names:
         steady = statistics.median(times[n])
-        fresh = statistics.median(refresh[n]) if n in refresh else steady
-        amortised = steady + (fresh - steady) / gap
+        if n in refresh:
+            fresh = statistics.median(refresh[n])
+        elif n in NO_SUBSPACE | EVERY_STEP:
+            fresh = steady
+        else:
+            fresh = None
+        amortised = None if fresh is None else steady + (fresh - steady) / gap
         out[n] = (steady, fresh, amortised, state_bytes(steady_opts[n]).total)
     return out
 
 
-def main() -> None:
+def expand_backends(names: list[str], backends: list[str] | None) -> list[str]:
+    """Each of our optimizers once per backend (``"lowrank_optim [triton]"``)."""
+    if not backends:
+        return names
+    return [x for n in names for x in ([f"{n} [{b}]" for b in backends] if n in OURS else [n])]
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--configs", nargs="+", default=["60m", "350m"])
     ap.add_argument("--gap", type=int, default=200, help="update_proj_gap (paper: 200)")
     ap.add_argument("--steady-steps", type=int, default=30, help="timed steps without refresh")
-    ap.add_argument("--refreshes", type=int, default=5, help="timed refresh steps")
+    ap.add_argument("--refreshes", type=int, default=5,
+                    help="timed refresh steps (0: none, refresh and amortised not measured)")
     ap.add_argument("--quick", action="store_true", help="10 steady steps, 3 refreshes")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                    help="parameter and gradient dtype")
+    ap.add_argument("--scope", choices=["block", "model"], default="block",
+                    help="one decoder block's 7 weights, or every tensor of the model")
+    ap.add_argument("--layers", type=int, default=None,
+                    help="--scope model: decoder layers (default: the config's)")
+    ap.add_argument("--optimizers", nargs="+", default=None, choices=NAMES + EXTRA,
+                    help=f"the optimizers timed (default: {', '.join(NAMES)})")
+    ap.add_argument("--backends", nargs="+", default=None, choices=["triton", "torch", "auto"],
+                    help="time each of ours once per kernel backend")
+    ap.add_argument("--baseline", default="galore-torch",
+                    help="the optimizer the ratios divide by (with its [backend] if expanded)")
+    ap.add_argument("--init-subspace", choices=["svd", "random"], default="svd",
+                    help="the GaLore optimizers' first subspace: exact SVD (default), or "
+                         "random through a meta-device step (no SVD; steady timings only)")
+    ap.add_argument("--json", default=None, help="write the results here as JSON")
+    ap.add_argument("--no-write", action="store_true", help="do not write results/*.md")
+    args = ap.parse_args(argv)
     if args.quick:
         args.steady_steps, args.refreshes = 10, 3
-    names = NAMES
+    names = expand_backends(args.optimizers or NAMES, args.backends)
+    if args.baseline not in names:
+        ap.error(f"--baseline {args.baseline!r} is not among the timed optimizers {names}")
     load = os.getloadavg()[0]
-    lines = [f"fp32, one decoder block's 7 weight matrices with fixed random gradients, "
-             f"std projection. The optimizers step in turn (rotating order), medians of "
+    default_setup = (args.dtype == "fp32" and args.scope == "block"
+                     and args.init_subspace == "svd" and args.refreshes > 0)
+    if default_setup:
+        what = ("fp32, one decoder block's 7 weight matrices with fixed random gradients, "
+                "std projection.")
+    else:
+        what = (f"{args.dtype}, "
+                + ("every tensor of the model (" + (f"{args.layers} layers" if args.layers
+                                                    else "all layers")
+                   + "; embedding and norms unprojected)" if args.scope == "model"
+                   else "one decoder block's 7 weight matrices")
+                + f" with fixed random gradients, std projection, on {args.device}"
+                + ("; GaLore's first subspace random (meta-device step, no SVD)"
+                   if args.init_subspace == "random" else "") + ".")
+    lines = [f"{what} The optimizers step in turn (rotating order), medians of "
              f"{args.steady_steps} steady steps (subspace kept) and {args.refreshes} refresh "
              f"steps (new SVD); 'amortised' = steady + (refresh - steady) / {args.gap}, i.e. "
              f"update_proj_gap={args.gap} as in the paper. 'lowrank_optim' is GaLoreAdamW, "
              "'8-bit' GaLoreAdamW8bit (block-wise 8-bit moments), 'DCT' DCTAdamW with its "
              "default new selection every step (every step timed as it runs). Ratios against "
-             "galore-torch.",
+             f"{args.baseline}.",
              "", "| config | rank | optimizer | steady ms/step | refresh-step ms | amortised "
-             "ms/step | state MiB | steady / galore-torch | amortised / galore-torch "
-             "| state / galore-torch |", "|---|---|---|---|---|---|---|---|---|---|"]
+             f"ms/step | state MiB | steady / {args.baseline} | amortised / {args.baseline} "
+             f"| state / {args.baseline} |", "|---|---|---|---|---|---|---|---|---|---|"]
+    results = {"device": args.device, "machine": machine(), "dtype": args.dtype,
+               "scope": args.scope, "layers": args.layers, "baseline": args.baseline,
+               "init_subspace": args.init_subspace, "steady_steps": args.steady_steps,
+               "refreshes": args.refreshes, "gap": args.gap, "configs": {}}
+    dtype = DTYPES[args.dtype]
     for config in args.configs:
-        res = measure(names, config, args.device, args.gap, args.steady_steps, args.refreshes)
-        ts_ref, _, ta_ref, b_ref = res["galore-torch"]
+        res = measure(names, config, args.device, args.gap, args.steady_steps, args.refreshes,
+                      dtype, args.scope, args.layers, args.init_subspace)
+        ts_ref, _, ta_ref, b_ref = res[args.baseline]
+        rows = {}
         for n in names:
             ts, tr, ta, b = res[n]
-            fresh = "-" if n in NO_SUBSPACE | EVERY_STEP else f"{tr * 1e3:.1f}"
+            fresh = ("-" if split_name(n)[0] in NO_SUBSPACE | EVERY_STEP or tr is None
+                     else f"{tr * 1e3:.1f}")
+            amort = "-" if ta is None else f"{ta * 1e3:.2f}"
+            amort_ratio = "-" if ta is None or ta_ref is None else f"{ta / ta_ref:.2f}"
             lines.append(f"| {config} | {RANKS[config]} | {n} | {ts * 1e3:.2f} | {fresh} "
-                         f"| {ta * 1e3:.2f} | {b / 2**20:.2f} | {ts / ts_ref:.2f} "
-                         f"| {ta / ta_ref:.2f} | {b / b_ref:.2f} |")
-        print("\n".join(lines[-3:]), flush=True)
+                         f"| {amort} | {b / 2**20:.2f} | {ts / ts_ref:.2f} "
+                         f"| {amort_ratio} | {b / b_ref:.2f} |")
+            rows[n] = {"steady_s": ts, "refresh_s": tr, "amortised_s": ta, "state_bytes": b,
+                       "steady_ratio": ts / ts_ref}
+        results["configs"][config] = {"rank": RANKS[config], "optimizers": rows}
+        print("\n".join(lines[-len(names):]), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(results, f, indent=1)
     lines += ["", f"1-minute load average {load:.2f} at the start, {os.getloadavg()[0]:.2f} at "
               f"the end ({os.cpu_count()} CPUs; above that, other processes shared the cores)."]
     body = "\n".join(lines)
+    if args.no_write:
+        print(f"\n{machine()}\n{body}")
+        return
     path = write_result(f"step_time_{args.device}", "Optimizer step time and state bytes", body)
     print(f"\n{machine()}\n{body}\n\nwritten to {path}")
 

@@ -234,3 +234,10 @@ print(steps, loaded)
                           timeout=120, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.split("\n")[-2] == "[2, 6] []"
+
+
+def test_trainer_callbacks_reexports_every_schedule_name():
+    import trainer_callbacks.refresh as refresh
+
+    assert set(lo.schedules.__all__) <= set(refresh.__all__)
+    assert [n for n in refresh.__all__ if not hasattr(refresh, n)] == []

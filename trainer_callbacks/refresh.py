@@ -24,9 +24,14 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
 from lowrank_optim import schedules
-from lowrank_optim.schedules import (
+from lowrank_optim.schedules import (  # noqa: F401  (re-exported: schedules.__all__)
+    SCHEDULES,
+    AdaptiveGap,
+    FixedGap,
+    GrowingGap,
     RefreshScheduler,
     Schedule,
+    WarmupGap,
     make_schedule,
     schedule_to_dict,
 )
@@ -34,6 +39,7 @@ from lowrank_optim.schedules import check_schedulable as _check_schedulable
 from trainer_callbacks._common import check_bool, innermost_optimizer, lowrank_optimizer
 
 __all__ = ["SubspaceRefreshCallback", *schedules.__all__]  # noqa: PLE0604
+# every name of schedules.__all__ is importable from here (checked by the tests)
 
 logger = logging.getLogger("lowrank_optim")
 
