@@ -92,3 +92,17 @@ def stable_grads(n: int, seed: int = 0, noise: float = 1e-3):
     g = torch.Generator().manual_seed(seed)
     bases = [torch.randn(16, 2, generator=g) @ torch.randn(2, 16, generator=g) for _ in range(n)]
     return lambda t: [b + noise * torch.randn(16, 16, generator=g) for b in bases]
+
+
+def replay_recorded_steps(model, opt, record: dict, label: str = "", atol: float = 2e-6) -> None:
+    """Step ``opt`` on ``model`` (one process) with the full gradients a distributed run
+    recorded (``record["grads"]``, one dict per step) and check the parameters against the
+    ones it recorded after each step (``record["params"]``)."""
+    named = dict(model.named_parameters())
+    for step, (grads, expected) in enumerate(zip(record["grads"], record["params"], strict=True)):
+        for n, p in named.items():
+            p.grad = grads[n].clone()
+        opt.step()
+        for n, p in named.items():
+            torch.testing.assert_close(p.detach(), expected[n], rtol=0, atol=atol,
+                                       msg=f"{label}, step {step}, {n}")

@@ -12,7 +12,7 @@ import torch.multiprocessing as mp
 
 import lowrank_optim as lo
 from lowrank_optim import distributed
-from tests.helpers import lm_loss, tiny_llama, token_batches
+from tests.helpers import lm_loss, replay_recorded_steps, tiny_llama, token_batches
 
 # -- DeepSpeed ZeRO hands the optimizer flattened 1-D partitions: detect, never train unprojected
 
@@ -222,14 +222,7 @@ def test_fsdp2_sharded_steps_equal_unsharded_steps_or_fail_fast(tmp_path):
         rec = torch.load(tmp_path / f"{case}.pt")
         model = tiny_llama()
         opt = lo.create_optimizer(model, name, **kwargs)
-        named = dict(model.named_parameters())
-        for step, (grads, expected) in enumerate(zip(rec["grads"], rec["params"], strict=True)):
-            for n, p in named.items():
-                p.grad = grads[n].clone()
-            opt.step()
-            for n, p in named.items():
-                torch.testing.assert_close(p.detach(), expected[n], rtol=0, atol=2e-6,
-                                           msg=f"{case}, step {step}, {n}")
+        replay_recorded_steps(model, opt, rec, case)
         # moments of shard-local steps are DTensors (checkpointed as shards), the rest plain
         assert "DTensor" in rec["moments"], case
         assert 0 < rec["bytes"] < lo.memory.state_bytes(opt).total, case
