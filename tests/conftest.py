@@ -34,39 +34,57 @@ def llama():
     return tiny_llama
 
 
-#: how many ``interpret`` tests this run deselected (an xdist worker reports its count)
-_DESELECTED = pytest.StashKey[int]()
+#: how many tests of each run-of-its-own marker this run deselected (xdist workers report)
+_DESELECTED = pytest.StashKey[dict]()
+#: markers whose tests run in a pytest run of their own (see scripts/test.sh)
+OWN_RUN = {
+    "interpret": "TRITON_INTERPRET=1 python -m pytest -m interpret",
+    "aot": "python -m pytest -m aot (ahead-of-time GPU compilation, minutes)",
+}
+
+
+def _own_run_wanted(config, marker: str) -> bool:
+    if marker == "interpret":
+        from lowrank_optim.kernels.dispatch import interpreter_enabled
+
+        return interpreter_enabled()
+    return marker in (config.option.markexpr or "")
 
 
 def pytest_collection_modifyitems(config, items):
-    """Deselect the ``interpret`` tests (Triton kernels on the CPU interpreter) unless
-    ``TRITON_INTERPRET`` is on: Triton reads it when it is imported, so those tests run in a
-    pytest run of their own (``TRITON_INTERPRET=1 pytest -m interpret``, see scripts/test.sh).
-    This file never imports triton."""
-    from lowrank_optim.kernels.dispatch import interpreter_enabled
-
-    if interpreter_enabled():
-        return
-    kept, deselected = [], []
+    """Deselect the tests of :data:`OWN_RUN` markers unless this run is theirs: ``interpret``
+    (Triton kernels on the CPU interpreter) unless ``TRITON_INTERPRET`` is on, since Triton
+    reads it when it is imported; ``aot`` (compiling every kernel for GPU targets) unless
+    ``-m`` names it.  This file never imports triton."""
+    wanted = {m for m in OWN_RUN if _own_run_wanted(config, m)}
+    kept, counts = [], dict.fromkeys(OWN_RUN, 0)
+    deselected = []
     for item in items:
-        (deselected if item.get_closest_marker("interpret") else kept).append(item)
+        marker = next((m for m in OWN_RUN if item.get_closest_marker(m)), None)
+        if marker is None or marker in wanted:
+            kept.append(item)
+        else:
+            counts[marker] += 1
+            deselected.append(item)
     if deselected:
         config.hook.pytest_deselected(items=deselected)
         items[:] = kept
-        config.stash[_DESELECTED] = len(deselected)
-        if hasattr(config, "workeroutput"):  # an xdist worker: tell the controller
-            config.workeroutput["interpret_deselected"] = len(deselected)
+    config.stash[_DESELECTED] = counts
+    if hasattr(config, "workeroutput"):  # an xdist worker: tell the controller
+        config.workeroutput["own_run_deselected"] = counts
 
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_testnodedown(node, error):
-    """xdist controller: the count of a worker (they all collect the same tests)."""
-    count = getattr(node, "workeroutput", {}).get("interpret_deselected", 0)
-    node.config.stash[_DESELECTED] = max(count, node.config.stash.get(_DESELECTED, 0))
+    """xdist controller: the counts of a worker (they all collect the same tests)."""
+    counts = getattr(node, "workeroutput", {}).get("own_run_deselected", {})
+    mine = node.config.stash.get(_DESELECTED, {})
+    node.config.stash[_DESELECTED] = {m: max(counts.get(m, 0), mine.get(m, 0))
+                                      for m in OWN_RUN}
 
 
 def pytest_terminal_summary(terminalreporter, config):
-    if count := config.stash.get(_DESELECTED, 0):
-        terminalreporter.write_line(
-            f"{count} interpret tests deselected (TRITON_INTERPRET is off): they run with "
-            "TRITON_INTERPRET=1 python -m pytest -m interpret")
+    for marker, count in config.stash.get(_DESELECTED, {}).items():
+        if count:
+            terminalreporter.write_line(
+                f"{count} {marker} tests deselected: they run with {OWN_RUN[marker]}")

@@ -15,7 +15,13 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_optim.kernels.triton_common import configs, dot_options
+from lowrank_optim.kernels.triton_common import (
+    configs,
+    dot_options,
+    launch,
+    prune_shared,
+    tile_shared_bytes,
+)
 
 NORMS = ("l2", "l1")
 
@@ -32,7 +38,8 @@ _SCORE_CONFIGS = configs(
 )
 
 
-@triton.autotune(_SCORE_CONFIGS, key=["M", "N", "K", "stride_am", "stride_bn"])
+@triton.autotune(_SCORE_CONFIGS, key=["M", "N", "K", "stride_am", "stride_bn"],
+                 prune_configs_by={"early_config_prune": prune_shared(tile_shared_bytes)})
 @triton.jit
 def _column_norms_kernel(
     a_ptr, b_ptr, out_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn, splits,
@@ -107,8 +114,9 @@ def matmul_column_norms(a: torch.Tensor, b: torch.Tensor, norm: str = "l2") -> t
     splits = _splits(M, N)
     partial = torch.empty((splits, N), device=a.device, dtype=torch.float32)
     dot_fp32, precision = dot_options(a, b)
-    _column_norms_kernel[lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits)](
-        a, b, partial, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), splits,
+    launch(
+        _column_norms_kernel, lambda meta: (triton.cdiv(N, meta["BLOCK_N"]), splits), a, b,
+        partial, M, N, K, a.stride(0), a.stride(1), b.stride(0), b.stride(1), splits,
         SQUARE=norm == "l2", DOT_FP32=dot_fp32, INPUT_PRECISION=precision,
     )
     total = partial.sum(dim=0)
@@ -129,8 +137,9 @@ def index_select(src: torch.Tensor, dim: int, idx: torch.Tensor) -> torch.Tensor
     R = s.shape[0]
     if R == 0 or count == 0:
         return out
-    _gather_columns_kernel[lambda meta: (triton.cdiv(R, meta["BLOCK_R"]),
-                                         triton.cdiv(count, meta["BLOCK_C"]))](
+    launch(
+        _gather_columns_kernel,
+        lambda meta: (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(count, meta["BLOCK_C"])),
         s, idx.contiguous(), o, R, count, s.shape[1], s.stride(0), s.stride(1),
         o.stride(0), o.stride(1),
     )

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_optim.kernels.triton_common import configs
+from lowrank_optim.kernels.triton_common import configs, launch
 
 _ELEMENTWISE_CONFIGS = configs(
     gpu=[dict(BLOCK=1024), dict(BLOCK=2048, num_warps=8), dict(BLOCK=4096, num_warps=8)],
@@ -106,9 +106,10 @@ def adam_update(
         return direction
 
     def run(m: torch.Tensor, v: torch.Tensor) -> None:
-        _adam_kernel[_grid(numel)](
-            grad, m, v, direction, numel, float(beta1), 1.0 - beta1, float(beta2), 1.0 - beta2,
-            float(eps), math.sqrt(bias_correction2), TORCH_FORMULA=formula == "torch",
+        launch(
+            _adam_kernel, _grid(numel), grad, m, v, direction, numel, float(beta1), 1.0 - beta1,
+            float(beta2), 1.0 - beta2, float(eps), math.sqrt(bias_correction2),
+            TORCH_FORMULA=formula == "torch",
         )
 
     inplace(run, exp_avg, exp_avg_sq)
@@ -130,7 +131,8 @@ def update_param(
     direction = direction.contiguous()
 
     def run(p: torch.Tensor) -> None:
-        _update_kernel[_grid(numel)](
-            p, direction, numel, float(alpha), 1.0 - float(decay_before), float(decay_after))
+        launch(
+            _update_kernel, _grid(numel), p, direction, numel, float(alpha),
+            1.0 - float(decay_before), float(decay_after))
 
     inplace(run, param)

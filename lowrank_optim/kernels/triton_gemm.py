@@ -19,7 +19,13 @@ import torch
 import triton
 import triton.language as tl
 
-from lowrank_optim.kernels.triton_common import configs, dot_options
+from lowrank_optim.kernels.triton_common import (
+    configs,
+    dot_options,
+    launch,
+    prune_shared,
+    tile_shared_bytes,
+)
 
 _GEMM_CONFIGS = configs(
     gpu=[
@@ -110,9 +116,12 @@ def _gemm_kernel(
 
 # the best tiles depend on the layout too (which operand is transposed): key on the strides
 _KEY = ["M", "N", "K", "stride_am", "stride_bn"]
-_gemm = triton.autotune(_GEMM_CONFIGS, key=_KEY)(_gemm_kernel)
+#: configs over the device's shared memory (consumer cards: 99 KB) are pruned before tuning
+_PRUNE = {"early_config_prune": prune_shared(tile_shared_bytes)}
+_gemm = triton.autotune(_GEMM_CONFIGS, key=_KEY, prune_configs_by=_PRUNE)(_gemm_kernel)
 # benchmarking candidate configs runs the kernel repeatedly: restore the updated parameter
-_gemm_inplace = triton.autotune(_GEMM_CONFIGS, key=_KEY, restore_value=["c_ptr"])(_gemm_kernel)
+_gemm_inplace = triton.autotune(_GEMM_CONFIGS, key=_KEY, restore_value=["c_ptr"],
+                                prune_configs_by=_PRUNE)(_gemm_kernel)
 
 
 def _launch(
@@ -143,8 +152,8 @@ def _launch(
         return a if t is None else t.contiguous()  # unused pointers get any tensor
 
     kernel = _gemm_inplace if update else _gemm
-    kernel[grid](
-        a, b, c, index(a_rows), index(b_cols), index(k_idx), M, N, K,
+    launch(
+        kernel, grid, a, b, c, index(a_rows), index(b_cols), index(k_idx), M, N, K,
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), c.stride(0), c.stride(1),
         float(alpha), 1.0 - float(decay_before), float(decay_after),
         A_ROWS=a_rows is not None, B_COLS=b_cols is not None, A_K=a_k is not None,

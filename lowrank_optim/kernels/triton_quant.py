@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 
 from lowrank_optim.kernels import blockwise
-from lowrank_optim.kernels.triton_common import INTERPRET
+from lowrank_optim.kernels.triton_common import INTERPRET, launch
 from lowrank_optim.kernels.triton_elementwise import adam_direction, adam_moments, inplace
 
 #: elements per program (a tile of whole blocks): small under the interpreter
@@ -143,8 +143,8 @@ def quantize_blockwise(
     block, rows, warps, grid = _layout(numel, block_size)
 
     def run(codes: torch.Tensor, absmax: torch.Tensor) -> None:
-        _quantize_kernel[grid](x, codes, absmax, mids, numel, absmax.numel(), block_size, _TINY,
-                               ROWS=rows, BLOCK=block, num_warps=warps)
+        launch(_quantize_kernel, grid, x, codes, absmax, mids, numel, absmax.numel(),
+               block_size, _TINY, ROWS=rows, BLOCK=block, num_warps=warps)
 
     inplace(run, *out)
     return out
@@ -166,8 +166,8 @@ def dequantize_blockwise(
     block, rows, warps, grid = _layout(numel, block_size)
 
     def run(o: torch.Tensor) -> None:
-        _dequantize_kernel[grid](codes, absmax, values, o, numel, absmax.numel(), block_size,
-                                 ROWS=rows, BLOCK=block, num_warps=warps)
+        launch(_dequantize_kernel, grid, codes, absmax, values, o, numel, absmax.numel(),
+               block_size, ROWS=rows, BLOCK=block, num_warps=warps)
 
     inplace(run, out)
     return out
@@ -192,8 +192,8 @@ def adam_update_8bit(
     block, rows, warps, grid = _layout(numel, block_size)
 
     def run(mc: torch.Tensor, ma: torch.Tensor, vc: torch.Tensor, va: torch.Tensor) -> None:
-        _adam_8bit_kernel[grid](
-            grad, mc, ma, vc, va, direction,
+        launch(
+            _adam_8bit_kernel, grid, grad, mc, ma, vc, va, direction,
             blockwise.table(code, True, device), blockwise.midpoints(code, True, device),
             blockwise.table(code, False, device), blockwise.midpoints(code, False, device),
             numel, ma.numel(), block_size, float(beta1), 1.0 - beta1, float(beta2), 1.0 - beta2,
