@@ -106,3 +106,29 @@ def replay_recorded_steps(model, opt, record: dict, label: str = "", atol: float
         for n, p in named.items():
             torch.testing.assert_close(p.detach(), expected[n], rtol=0, atol=atol,
                                        msg=f"{label}, step {step}, {n}")
+
+
+def both(fn, *args, **kwargs):
+    """``fn`` on Triton and on the torch reference, each on its own copy of the tensor
+    arguments: ``((triton result, its args), (reference result, its args))``."""
+    def copies():
+        return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
+
+    tri_args, ref_args = copies(), copies()
+    tri = fn(*tri_args, **kwargs, backend="triton")
+    ref = fn(*ref_args, **kwargs, backend="torch")
+    return (tri, tri_args), (ref, ref_args)
+
+
+def spy_calls(monkeypatch, module, name: str) -> list:
+    """Patch ``module.name`` to record each call (one entry per call) and return the list."""
+    calls: list = []
+    original = getattr(module, name)
+
+    def spy(*args, **kw):
+        calls.append(1)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+

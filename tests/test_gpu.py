@@ -29,6 +29,7 @@ import lowrank_optim as lo
 from lowrank_optim import kernels
 from lowrank_optim.kernels import blockwise as q
 from lowrank_optim.kernels.dispatch import interpreter_enabled, triton_available
+from tests.helpers import both, spy_calls
 
 #: the CPU stand-in of a GPU run (interpreter, small shapes): see the module docstring
 ON_CPU = (os.environ.get("LOWRANK_OPTIM_GPU_TESTS_ON_CPU", "") == "1" and interpreter_enabled()
@@ -69,17 +70,6 @@ def rand(*shape: int, dtype: torch.dtype = torch.float32, seed: int = 0,
          scale: float = 1.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return (torch.randn(*shape, generator=g) * scale).to(DEVICE, dtype)
-
-
-def both(fn, *args, **kwargs):
-    """``fn`` on Triton and on the reference, each on its own copy of the tensor arguments."""
-    def copies():
-        return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-
-    tri_args, ref_args = copies(), copies()
-    tri = fn(*tri_args, **kwargs, backend="triton")
-    ref = fn(*ref_args, **kwargs, backend="torch")
-    return (tri, tri_args), (ref, ref_args)
 
 
 def basis_for(shape, side, dtype, seed=1):
@@ -359,14 +349,7 @@ def test_8bit_optimizer_runs_the_fused_kernel_and_matches_torch(monkeypatch):
     the step really runs the fused Triton kernel, its codes and absmax on the device."""
     from lowrank_optim.kernels import triton_quant
 
-    calls = []
-    original = triton_quant.adam_update_8bit
-
-    def spy(*args, **kw):
-        calls.append(1)
-        return original(*args, **kw)
-
-    monkeypatch.setattr(triton_quant, "adam_update_8bit", spy)
+    calls = spy_calls(monkeypatch, triton_quant, "adam_update_8bit")
     m, n, r = SHAPES[-1]
 
     def train(backend: str, steps: int) -> list[torch.Tensor]:

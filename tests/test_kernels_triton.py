@@ -17,6 +17,7 @@ pytest.importorskip("triton", reason="triton is not installed: the torch backend
 
 from lowrank_optim import kernels  # noqa: E402
 from lowrank_optim.kernels.dispatch import interpreter_enabled  # noqa: E402
+from tests.helpers import both
 
 pytestmark = pytest.mark.interpret
 
@@ -41,17 +42,6 @@ def assert_close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> N
 def rand(*shape: int, dtype: torch.dtype, seed: int) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(*shape, generator=g).to(dtype)
-
-
-def both(fn, *args, **kwargs):
-    """``fn`` on Triton and on the reference, each on its own copy of the tensor arguments."""
-    def copies():
-        return [a.clone() if isinstance(a, torch.Tensor) else a for a in args]
-
-    tri_args, ref_args = copies(), copies()
-    tri = fn(*tri_args, **kwargs, backend="triton")
-    ref = fn(*ref_args, **kwargs, backend="torch")
-    return (tri, tri_args), (ref, ref_args)
 
 
 def basis_for(side: str, dtype: torch.dtype, seed: int = 1) -> torch.Tensor:

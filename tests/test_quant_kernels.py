@@ -16,6 +16,7 @@ from lowrank_optim import kernels
 from lowrank_optim.kernels import blockwise as q
 from lowrank_optim.kernels import reference
 from lowrank_optim.kernels.dispatch import triton_available
+from tests.helpers import spy_calls
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
 
@@ -173,14 +174,7 @@ def test_triton_optimizer_8bit_steps_match_torch(monkeypatch):
     import lowrank_optim as lo
     from lowrank_optim.kernels import triton_quant
 
-    calls = []
-    original = triton_quant.adam_update_8bit
-
-    def spy(*args, **kw):
-        calls.append(1)
-        return original(*args, **kw)
-
-    monkeypatch.setattr(triton_quant, "adam_update_8bit", spy)
+    calls = spy_calls(monkeypatch, triton_quant, "adam_update_8bit")
 
     def train(backend: str) -> list[torch.Tensor]:
         previous = kernels.set_backend(backend)
