@@ -16,6 +16,9 @@ from lowrank_optim.projectors.dct import (
 )
 from lowrank_optim.rules import Adafactor, Adam
 
+#: the rule whose moments a refresh rotates (rotation needs the rule that owns them)
+ADAM = Adam()
+
 RIGHT, LEFT = (24, 16), (16, 24)  # R >= C: right side, n = 16; R < C: left side, n = 16
 
 
@@ -99,7 +102,7 @@ def test_matmul_and_fft_routes_select_the_same_indices(shape, kind, norm):
     out = {}
     for route in ("matmul", "fft"):
         state, group = {}, _group(rank=5, score_route=route, score_norm=norm)
-        out[route] = (proj.refresh(grad, state, group), state["proj_idx"])
+        out[route] = (proj.refresh(grad, state, group, ADAM), state["proj_idx"])
     (low_mm, idx_mm), (low_fft, idx_fft) = out["matmul"], out["fft"]
     assert idx_mm.dtype == torch.int32 and torch.equal(idx_mm, idx_fft)
     torch.testing.assert_close(low_fft, low_mm, rtol=1e-5, atol=1e-5)
@@ -124,7 +127,7 @@ def test_auto_route_by_size_and_override():
 def test_exactly_lowrank_gradient_is_recovered(shape, route):
     grad = _dct_lowrank(shape, [1, 2, 9, 15], seed=5)
     proj, state, group = DCTProjector(), {}, _group(rank=4, score_route=route)
-    low = proj.refresh(grad, state, group)
+    low = proj.refresh(grad, state, group, ADAM)
     assert state["proj_idx"].tolist() == [1, 2, 9, 15]
     torch.testing.assert_close(proj.project_back(low, state, group), grad, rtol=0, atol=1e-5)
     # between refreshes: the stored indices give the same low-rank gradient by one matmul
@@ -148,7 +151,7 @@ def test_l2_selection_captures_the_most_energy_brute_force(shape):
         best = max(_energy(grad, list(s), side, q) for s in itertools.combinations(range(n), 3))
         for norm in ("l2", "l1"):
             state = {}
-            proj.refresh(grad, state, _group(rank=3, score_norm=norm))
+            proj.refresh(grad, state, _group(rank=3, score_norm=norm), ADAM)
             got = _energy(grad, state["proj_idx"].tolist(), side, q)
             assert got <= best * (1 + 1e-12)
             if norm == "l2":
@@ -164,8 +167,8 @@ def test_side_rule():
     assert dct_side((16, 24)) == ("left", 16)
     assert dct_side((24, 16), "reverse_std") == ("left", 24)
     proj, state = DCTProjector(), {}
-    assert proj.refresh(torch.randn(24, 16), state, _group(rank=4)).shape == (24, 4)
-    assert proj.refresh(torch.randn(16, 24), {}, _group(rank=4)).shape == (4, 24)
+    assert proj.refresh(torch.randn(24, 16), state, _group(rank=4), ADAM).shape == (24, 4)
+    assert proj.refresh(torch.randn(16, 24), {}, _group(rank=4), ADAM).shape == (4, 24)
 
 
 # -- options -------------------------------------------------------------------------------
@@ -221,10 +224,10 @@ def test_rotate_moments_moves_kept_frequencies_and_zeroes_new_ones(shape):
 
 def test_without_rotation_moments_are_left_alone():
     proj, group, state = DCTProjector(), _group(rank=3, rotate_moments=False), {}
-    proj.refresh(_dct_lowrank(RIGHT, [2, 5, 8]), state, group)
+    proj.refresh(_dct_lowrank(RIGHT, [2, 5, 8]), state, group, ADAM)
     state["exp_avg"] = m = torch.randn(24, 3, generator=_gen(1))
     before = m.clone()
-    proj.refresh(_dct_lowrank(RIGHT, [5, 8, 13]), state, group)
+    proj.refresh(_dct_lowrank(RIGHT, [5, 8, 13]), state, group, ADAM)
     assert torch.equal(state["exp_avg"], before)
 
 
@@ -237,7 +240,8 @@ def test_error_feedback_telescopes(shape, gap):
     total_back = torch.zeros(shape, dtype=torch.float64)
     for step in range(7):
         grad = torch.randn(shape, generator=_gen(step), dtype=torch.float64)
-        low = (proj.refresh if step % gap == 0 else proj.project)(grad, state, group)
+        low = (proj.refresh(grad, state, group, ADAM) if step % gap == 0
+               else proj.project(grad, state, group))
         total_grad += grad
         total_back += proj.project_back(low, state, group)
     err = state[ERROR_FEEDBACK_KEY]
@@ -251,7 +255,7 @@ def test_error_feedback_telescopes(shape, gap):
 
 def test_state_holds_integer_indices_only():
     proj, state = DCTProjector(), {}
-    proj.refresh(torch.randn(RIGHT), state, _group(rank=4))
+    proj.refresh(torch.randn(RIGHT), state, _group(rank=4), ADAM)
     floats = [k for k, v in state.items() if k.startswith("proj") and v.is_floating_point()]
     assert floats == []
     assert state["proj_idx"].dtype == torch.int32 and state["proj_idx"].shape == (4,)

@@ -87,7 +87,7 @@ def _nondeterministic_refresh(projector, rank):
     """Make ``projector``'s refresh rank-dependent (as a nondeterministic SVD would be)."""
     inner = projector.refresh
 
-    def refresh(grad, state, group, rule=None):
+    def refresh(grad, state, group, rule):
         noise = torch.randn(grad.shape, generator=torch.Generator().manual_seed(100 + rank))
         return inner(grad + 1e-2 * grad.norm() * noise, state, group, rule)
 

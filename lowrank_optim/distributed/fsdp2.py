@@ -68,7 +68,7 @@ class _RowShard(Projector):
         return self.inner.has_subspace(state)
 
     def refresh(self, grad: torch.Tensor, state: dict, group: dict,
-                rule: Rule | None = None) -> torch.Tensor | None:
+                rule: Rule) -> torch.Tensor | None:
         if self.gathered:  # the whole state is replicated: refresh as unsharded
             if self.bcast is not None:
                 return self.bcast.refresh_from_src(self.inner, grad, state, group, rule,

@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import os
 import re
 import subprocess
@@ -44,8 +45,10 @@ TARGETS: dict[str, tuple[int, int]] = {
     "sm_120": (120, 99 * 1024),  # RTX 50xx
 }
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-#: 8-bit block sizes compiled (each a different tile shape): powers of two up to the largest
-#: block size the settings accept; others round up to the next power of two
+#: 8-bit block sizes compiled (each a different tile shape): powers of two from 16 to 4096
+#: (bitsandbytes' range); a size in between runs the program of the next power of two.  The
+#: settings accept any ``block_size >= 1``: sizes below 16 or above 4096 are valid but their
+#: programs are not compiled here
 BLOCK_SIZES = (16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
 _TRITON_TYPES = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16",
                  torch.uint8: "u8", torch.int32: "i32", torch.int64: "i64", torch.bool: "i1"}
@@ -272,19 +275,21 @@ def compile_variant(variant: Variant, target: str) -> Result:
     return result
 
 
-def supported_targets() -> list[str]:
-    """The :data:`TARGETS` the installed Triton's NVIDIA backend can compile for."""
+@functools.cache
+def supported_targets() -> tuple[str, ...]:
+    """The :data:`TARGETS` the installed Triton's NVIDIA backend can compile for (probed once
+    per process)."""
+    from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
 
     out = []
     for name, (capability, _) in TARGETS.items():
-        from triton.backends.compiler import GPUTarget
-
+        target = GPUTarget("cuda", capability, 32)
         with contextlib.suppress(Exception):
-            if CUDABackend.supports_target(GPUTarget("cuda", capability, 32)):
-                CUDABackend(GPUTarget("cuda", capability, 32))
+            if CUDABackend.supports_target(target):
+                CUDABackend(target)
                 out.append(name)
-    return out
+    return tuple(out)
 
 
 def wanted_targets() -> list[str]:

@@ -111,10 +111,10 @@ class LowRankOptimizer(torch.optim.Optimizer):
     def _check_layout(self, group: dict) -> None:
         """:func:`distributed.check_group_layout` when ``group``'s tensors or settings changed
         since the last check (a step costs one fingerprint, not a re-check)."""
-        fingerprint = distributed.layout_fingerprint(group)
-        if self._layouts.get(id(group)) != fingerprint:
+        if self._layouts.get(id(group)) != distributed.layout_fingerprint(group):
             distributed.check_group_layout(self, group)
-            self._layouts[id(group)] = fingerprint
+            # after the check, which records the group's matrix count in the group
+            self._layouts[id(group)] = distributed.layout_fingerprint(group)
 
     @staticmethod
     def projects(group: dict, param: torch.Tensor) -> bool:

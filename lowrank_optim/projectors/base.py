@@ -65,7 +65,7 @@ class Projector(ABC):
 
     @abstractmethod
     def refresh(self, grad: torch.Tensor, state: dict, group: dict,
-                rule: Rule | None = None) -> torch.Tensor | None:
+                rule: Rule) -> torch.Tensor | None:
         """Compute a new subspace from ``grad`` and store it in ``state``.
 
         ``rule`` owns the moments in ``state``; a projector whose subspaces can be related
@@ -116,7 +116,7 @@ class Projector(ABC):
 
     def refresh_rows(
         self, rows: torch.Tensor, state: dict, group: dict, shape: tuple[int, ...],
-        all_reduce: Callable[[torch.Tensor], object], rule: Rule | None = None,
+        all_reduce: Callable[[torch.Tensor], object], rule: Rule,
     ) -> torch.Tensor:
         """Refresh from this rank's rows of a gradient of ``shape`` split by rows (FSDP2);
         returns this rank's rows of the low-rank gradient.  Only for projectors with

@@ -218,12 +218,12 @@ class DCTProjector(Projector):
         return torch.topk(scores, rank, sorted=False).indices.sort().values.to(torch.int32)
 
     def refresh(self, grad: torch.Tensor, state: dict, group: dict,
-                rule: Rule | None = None) -> torch.Tensor:
+                rule: Rule) -> torch.Tensor:
         return self._refresh(grad, state, group, tuple(grad.shape), None, rule)
 
     def refresh_rows(
         self, rows: torch.Tensor, state: dict, group: dict, shape: tuple[int, ...],
-        all_reduce: Callable[[torch.Tensor], object], rule: Rule | None = None,
+        all_reduce: Callable[[torch.Tensor], object], rule: Rule,
     ) -> torch.Tensor:
         """Refresh from this rank's rows of a gradient of ``shape`` split by rows (FSDP2).
 
@@ -241,7 +241,7 @@ class DCTProjector(Projector):
 
     def _refresh(self, grad: torch.Tensor, state: dict, group: dict, shape: tuple[int, ...],
                  all_reduce: Callable[[torch.Tensor], object] | None,
-                 rule: Rule | None) -> torch.Tensor:
+                 rule: Rule) -> torch.Tensor:
         side, _ = dct_side(shape, group.get("proj_type", "std"))
         acc = self._with_error(grad, state, group)
         coeffs = self.coefficients(acc, group)
@@ -252,8 +252,7 @@ class DCTProjector(Projector):
             all_reduce(scores)
         idx = self.top(scores, group["rank"])
         old = state.get("proj_idx")
-        if (rule is not None and old is not None and _opt(group, "rotate_moments")
-                and not torch.equal(old, idx)):
+        if old is not None and _opt(group, "rotate_moments") and not torch.equal(old, idx):
             self._rotate_moments(rule, state, group, old, idx, side)
         state["proj_idx"] = idx
         if "proj_shape" not in state:

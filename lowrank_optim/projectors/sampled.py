@@ -60,8 +60,7 @@ class SampledColumnsProjector(Projector):
     def has_subspace(self, state: dict) -> bool:
         return "proj_idx" in state
 
-    def refresh(self, grad: torch.Tensor, state: dict, group: dict,
-                rule: Rule | None = None) -> None:
+    def refresh(self, grad: torch.Tensor, state: dict, group: dict, rule: Rule) -> None:
         raise RuntimeError(
             "SampledColumnsProjector has no sampled columns for this parameter: its indices are "
             "drawn per layer by SSTAdamW (construction, resample(), resvd()); a state loaded "

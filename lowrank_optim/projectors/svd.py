@@ -45,8 +45,7 @@ class SVDProjector(Projector):
     def has_subspace(self, state: dict) -> bool:
         return "proj_left" in state or "proj_right" in state
 
-    def refresh(self, grad: torch.Tensor, state: dict, group: dict,
-                rule: Rule | None = None) -> None:
+    def refresh(self, grad: torch.Tensor, state: dict, group: dict, rule: Rule) -> None:
         rank = group["rank"]
         u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
         for side in self.sides(grad.shape, group):

@@ -40,6 +40,8 @@ class Adafactor(Rule):
                when=lambda grad, group: grad.dim() >= 2),
         Moment("exp_avg_sq", signed=False, float32=True, when=lambda grad, group: grad.dim() < 2),
     )
+    lowbit_note = ("its second moment is already factored: one row and one column vector per "
+                   "matrix")
     hyperparameters = ("lr", "eps", "clip_threshold", "decay_rate", "beta1", "weight_decay",
                        "scale_parameter", "relative_step", "warmup_init")
     #: ``transformers.Adafactor``'s
@@ -67,12 +69,7 @@ class Adafactor(Rule):
                              "(e.g. -0.8).")
         check_beta("beta1", group["beta1"])
         check_nonneg("weight_decay", group["weight_decay"])
-        if group.get("bits", 32) != 32:
-            raise ValueError(
-                f"Invalid bits={group['bits']!r} for Adafactor: its second moment is already "
-                "factored (one row and one column vector per matrix), and 8-bit states are "
-                "offered for the Adam rule only. Drop `bits`, or use GaLoreAdamW8bit / "
-                "DCTAdamW(bits=8) / SSTAdamW(bits=8).")
+        super().validate(group)
 
     @staticmethod
     def _lr(group: dict, step: float, param_rms: torch.Tensor | None) -> float:

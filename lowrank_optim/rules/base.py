@@ -125,6 +125,8 @@ class Rule(ABC):
     fused_lowbit: ClassVar[bool] = False
     #: the group keys of this rule's hyper-parameters, in the optimizers' signature order
     hyperparameters: ClassVar[tuple[str, ...]] = ()
+    #: why 8-bit state is not offered, added to the ``bits`` error of a rule without it
+    lowbit_note: ClassVar[str] = ""
     #: default values of :attr:`hyperparameters` (used by
     #: :func:`lowrank_optim.optim.compose`; the hand-written classes keep their own)
     defaults: ClassVar[dict[str, object]] = {}
@@ -145,9 +147,10 @@ class Rule(ABC):
         if isinstance(bits, bool) or bits not in self.bits:
             if 8 in self.bits:
                 lowbit.check_settings(group)  # its message lists the choices
+            note = f" ({self.lowbit_note})" if self.lowbit_note else ""
             raise ValueError(
-                f"Invalid bits={bits!r} for the {self.name!r} rule: it supports "
-                f"{' or '.join(map(str, self.bits))}-bit state. Drop `bits`, or use an "
+                f"Invalid bits={bits!r} for {type(self).__name__}: it supports "
+                f"{' or '.join(map(str, self.bits))}-bit state{note}. Drop `bits`, or use an "
                 "Adam-based optimizer (GaLoreAdamW8bit, DCTAdamW(bits=8), SSTAdamW(bits=8)) "
                 "for 8-bit moments.")
         if 8 in self.bits:
@@ -215,5 +218,5 @@ class Rule(ABC):
         """Raise ``ValueError`` if ``state`` cannot be stepped under ``group``'s settings
         (called for every parameter before a step changes anything): 8-bit moments need one
         scale per ``block_size`` elements."""
-        if 8 in self.bits and lowbit.quantized(state, self.moments):
+        if 8 in self.bits:
             lowbit.check_blocks(state, self.moments, group, label)
