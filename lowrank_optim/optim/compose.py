@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 
+from lowrank_optim.optim._hyperparameters import group_defaults
 from lowrank_optim.optim.base import PROJECTION_DEFAULTS, LowRankOptimizer
 from lowrank_optim.projectors.base import Projector
 from lowrank_optim.rules.base import Rule
-from lowrank_optim.validation import as_tuple
 
 
 def compose(rule: type[Rule], projector: type[Projector], name: str | None = None,
@@ -41,20 +41,18 @@ def compose(rule: type[Rule], projector: type[Projector], name: str | None = Non
     type
         The class; its signature is ``(params, *, <hyper-parameters>, nonfinite="raise")``.
     """
+    declared = {*rule.hyperparameters, *projector.hyperparameters}
+    unknown = sorted(set(defaults) - declared)
+    if unknown:
+        raise ValueError(f"compose({rule.__name__}, {projector.__name__}): {unknown} are not "
+                         f"hyper-parameters of the rule or the projector ({sorted(declared)}).")
     table = {**{k: v for k, v in PROJECTION_DEFAULTS.items() if k != "rank"},
-             **projector.defaults, **rule.defaults}
-    keys = [*rule.hyperparameters, *(k for k in projector.hyperparameters
-                                     if k not in rule.hyperparameters)]
-    missing = [k for k in keys if k not in table and k not in defaults]
+             **projector.defaults, **rule.defaults, **defaults}
+    missing = sorted(declared - set(table))
     if missing:
         raise ValueError(f"compose({rule.__name__}, {projector.__name__}): no default for "
                          f"{missing}; declare them in {rule.__name__}.defaults or pass them.")
-    unknown = sorted(set(defaults) - set(keys))
-    if unknown:
-        raise ValueError(f"compose({rule.__name__}, {projector.__name__}): {unknown} are not "
-                         f"hyper-parameters of the rule or the projector ({keys}).")
-    table.update(defaults)
-    values = {k: table[k] for k in keys}
+    values = group_defaults(table, rule, projector)  # declaration order, pairs as tuples
 
     def __init__(self, params: Iterable[torch.Tensor] | Iterable[dict], *,
                  nonfinite: str = "raise", **kwargs: Any) -> None:
@@ -62,8 +60,7 @@ def compose(rule: type[Rule], projector: type[Projector], name: str | None = Non
         if bad:
             raise TypeError(f"{type(self).__name__} got unexpected keyword(s) {bad}; it takes "
                             f"{', '.join(values)} and nonfinite.")
-        chosen = {**values, **kwargs}
-        chosen.update({k: as_tuple(v) for k, v in chosen.items() if isinstance(v, list)})
+        chosen = group_defaults({**values, **kwargs}, rule, projector)
         LowRankOptimizer.__init__(self, params, chosen, rule(), projector(), nonfinite)
 
     params = [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
