@@ -17,8 +17,17 @@ logger = logging.getLogger("lowrank_optim")
 TargetModules = str | Sequence[str]
 
 
+#: ``target_modules`` spellings that select every ``nn.Linear`` (normalised: lower case, ``-``)
+ALL_LINEAR = "all-linear"
+ALL_LINEAR_WITH_HEAD = "all-linear+head"
+
+
+def _spelling(target: TargetModules) -> str | None:
+    return target.replace("_", "-").lower() if isinstance(target, str) else None
+
+
 def _is_all_linear(target: TargetModules) -> bool:
-    return isinstance(target, str) and target.replace("_", "-").lower() == "all-linear"
+    return _spelling(target) in (ALL_LINEAR, ALL_LINEAR_WITH_HEAD)
 
 
 def _matches(target: TargetModules, name: str) -> bool:
@@ -30,7 +39,8 @@ def _matches(target: TargetModules, name: str) -> bool:
 
 
 def _output_head_ids(model: nn.Module) -> set[int]:
-    """Parameters of the output head (``lm_head``), which ``all-linear`` leaves out as in HF."""
+    """Parameters of the output head (``get_output_embeddings()`` and modules named
+    ``lm_head``)."""
     ids: set[int] = set()
     get_out = getattr(model, "get_output_embeddings", None)
     head = get_out() if callable(get_out) else None
@@ -42,6 +52,19 @@ def _output_head_ids(model: nn.Module) -> set[int]:
     return ids
 
 
+def _left_out_head(model: nn.Module, target: TargetModules) -> set[int]:
+    """Head parameters that ``target`` leaves out: the whole output head for ``"all-linear"``
+    (peft's convention); for ``"all-linear+head"`` only a head tied to an ``nn.Embedding``
+    (the HF Trainer's GaLore selects parameters by name, and a tied head's weight is named
+    after the embedding, so it is not projected there either)."""
+    spelling = _spelling(target)
+    if spelling == ALL_LINEAR:
+        return _output_head_ids(model)
+    if spelling == ALL_LINEAR_WITH_HEAD:
+        return _output_head_ids(model) & embedding_param_ids(model)
+    return set()
+
+
 def select_linear_weights(
     model: nn.Module, target_modules: TargetModules = "all-linear"
 ) -> tuple[list[tuple[str, nn.Parameter]], list[str]]:
@@ -49,11 +72,12 @@ def select_linear_weights(
     that were ignored because they are not ``nn.Linear``."""
     if not _is_all_linear(target_modules) and not isinstance(target_modules, (str, list, tuple)):
         raise ValueError(
-            f"target_modules={target_modules!r}: pass 'all-linear', a regex string, or a list "
-            "of module-name substrings such as ['attn', 'mlp']."
+            f"target_modules={target_modules!r}: pass 'all-linear' (or 'all-linear+head' to "
+            "project the output head too), a regex string, or a list of module-name substrings "
+            "such as ['attn', 'mlp']."
         )
     all_linear = _is_all_linear(target_modules)
-    head = _output_head_ids(model) if all_linear else set()
+    head = _left_out_head(model, target_modules)
     selected, ignored, seen = [], [], set()
     for name, module in model.named_modules():
         if not name:
@@ -117,7 +141,7 @@ def _explain_no_selection(model: nn.Module, target_modules: TargetModules) -> No
             f"{type(model).__name__} has no trainable parameters (every requires_grad is "
             "False); unfreeze the weights to train (e.g. model.requires_grad_(True)), or, for "
             "adapters, build the optimizer after peft has marked its trainable parameters.")
-    head = _output_head_ids(model) if _is_all_linear(target_modules) else set()
+    head = _left_out_head(model, target_modules)
     frozen = [n for n, m in model.named_modules()
               if isinstance(m, nn.Linear) and id(m.weight) not in head and n
               and (_is_all_linear(target_modules) or _matches(target_modules, n))
@@ -147,9 +171,12 @@ def param_groups(
     model
         Any ``nn.Module``; only ``nn.Linear`` weights are projected.
     target_modules
-        ``"all-linear"`` (every ``nn.Linear`` except the output head), a regex matched against
-        full module names, or a list of names / substrings / regexes, as HF's
-        ``TrainingArguments.optim_target_modules``.
+        ``"all-linear"``: every ``nn.Linear`` except the output head (``lm_head``), as peft's
+        ``"all-linear"`` and the GaLore paper (which projects attention and MLP weights);
+        ``"all-linear+head"``: the head too unless it is tied to the embedding, which is what
+        the HF Trainer's GaLore selects for ``optim_target_modules="all-linear"``.  Otherwise
+        a regex matched against full module names, or a list of names / substrings / regexes,
+        with the semantics of HF's ``TrainingArguments.optim_target_modules``.
     rank, update_proj_gap, scale, proj_type
         Projection settings of the projected group (paper defaults for LLaMA pretraining:
         scale 0.25, gap 200).
@@ -163,6 +190,8 @@ def param_groups(
 
     Linear weights whose smaller side is below ``rank`` cannot be projected at that rank; they
     go to the plain group (and the summary line says so) instead of failing the whole model.
+    When that is every targeted weight, nothing is projected (a warning says so and names the
+    largest rank that would project).
 
     Returns
     -------
@@ -170,6 +199,25 @@ def param_groups(
         Param groups with ``param_names`` (used in error messages and logs).  One summary line
         is logged to the ``lowrank_optim`` logger instead of a warning per module.
     """
+    groups, summary = param_groups_and_summary(
+        model, target_modules, rank=rank, update_proj_gap=update_proj_gap, scale=scale,
+        proj_type=proj_type, embedding_bits=embedding_bits, **group_kwargs)
+    logger.info(summary)
+    return groups
+
+
+def param_groups_and_summary(
+    model: nn.Module,
+    target_modules: TargetModules = "all-linear",
+    *,
+    rank: int = 128,
+    update_proj_gap: int | None = 200,
+    scale: float = 0.25,
+    proj_type: str = "std",
+    embedding_bits: int | None = None,
+    **group_kwargs: Any,
+) -> tuple[list[dict[str, Any]], str]:
+    """:func:`param_groups` and its summary line, not logged (for callers that add to it)."""
     if not isinstance(model, nn.Module):
         raise ValueError(f"model must be a torch.nn.Module, got {type(model).__name__}; pass "
                          "the model itself (param groups are built from its modules).")
@@ -178,11 +226,12 @@ def param_groups(
     too_small = [(n, p) for n, p in selected if _min_side(p) < rank]
     selected = [(n, p) for n, p in selected if _min_side(p) >= rank]
     if not selected and too_small:
-        raise ValueError(
-            f"rank={rank} exceeds min(m, n) of every targeted weight (largest min dimension "
-            f"{max(_min_side(p) for _, p in too_small)}); choose a smaller rank."
-        )
-    if not selected:
+        largest = max(_min_side(p) for _, p in too_small)
+        logger.warning(
+            "lowrank_optim: rank=%d exceeds min(m, n) of every targeted weight (largest min "
+            "dimension %d), so nothing is projected and every tensor trains with the plain "
+            "rule (full-size state); pass rank <= %d to project.", rank, largest, largest)
+    elif not selected:
         _explain_no_selection(model, target_modules)
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]
         raise ValueError(
@@ -201,16 +250,16 @@ def param_groups(
         "param_names": [n for n, _ in selected],
         "rank": rank, "update_proj_gap": update_proj_gap, "scale": scale, "proj_type": proj_type,
         **group_kwargs,
-    }]
+    }] if selected else []
     groups += plain_groups(model, rest, embedding_bits)
     n_low = sum(p.numel() for _, p in selected)
     n_rest = sum(p.numel() for _, p in rest)
     summary = (f"lowrank_optim: rank-{rank} projection for {len(selected)} Linear weights "
                f"({n_low:,} params); {len(rest)} other tensors ({n_rest:,} params) unprojected")
     if too_small:
-        summary += (f"; {len(too_small)} Linear weights with min(m, n) < rank={rank} "
-                    f"unprojected (e.g. {too_small[0][0]})")
+        summary += (f", {len(too_small)} of them Linear weights with min(m, n) < rank={rank} "
+                    f"(e.g. {too_small[0][0]})")
     if ignored:
         summary += f"; ignored {len(ignored)} matched non-Linear modules (e.g. {ignored[0]})"
-    logger.info(summary)
-    return groups
+    return groups, summary
+

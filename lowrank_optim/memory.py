@@ -42,6 +42,27 @@ class StateBytes:
     def as_dict(self) -> dict[str, float]:
         return {**asdict(self), "total": self.total, "bytes_per_param": self.bytes_per_param}
 
+    def __str__(self) -> str:
+        """One line with units chosen by size and the bytes per parameter; says so when the
+        optimizer holds no state yet (torch optimizers create it in their first ``step()``)."""
+        if self.total == 0:
+            return (f"no optimizer state yet over {self.num_params:,} params: optimizers "
+                    "create their state in the first step() (call it, or forecast with "
+                    "python -m lowrank_optim.profile)")
+        parts = ", ".join(f"{c} {format_bytes(getattr(self, c))}" for c in CATEGORIES)
+        return (f"{parts}; total {format_bytes(self.total)} over {self.num_params:,} params "
+                f"= {self.bytes_per_param:.3f} B/param")
+
+
+def format_bytes(n: float) -> str:
+    """``n`` bytes with a binary unit chosen by size: ``512 B``, ``1.50 KiB``, ``3.20 GiB``."""
+    value, unit = float(n), "B"
+    for bigger in ("KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024:
+            break
+        value, unit = value / 1024, bigger
+    return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+
 
 def category(key: str, value: torch.Tensor) -> str:
     """Category of one state entry of a foreign optimizer, by the usual key names."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import functools
 import inspect
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -12,13 +13,16 @@ import torch
 from torch import nn
 
 from lowrank_optim.distributed import check_model_not_partitioned
-from lowrank_optim.groups import TargetModules, param_groups
+from lowrank_optim.groups import TargetModules, param_groups_and_summary
 from lowrank_optim.optim.compose import compose
 from lowrank_optim.optim.dct import DCTAdafactor, DCTAdamW
 from lowrank_optim.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from lowrank_optim.optim.sst import create_sst_adamw
 from lowrank_optim.projectors import DCTProjector, Projector, SVDProjector
 from lowrank_optim.rules.base import Rule
+from lowrank_optim.sst.convert import spectral_modules
+
+logger = logging.getLogger("lowrank_optim")
 
 #: name -> optimizer class taking param groups with projection keys
 OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
@@ -120,7 +124,8 @@ def create_optimizer(
     embedding_bits: int | None = UNSET,
     **optimizer_kwargs: Any,
 ) -> torch.optim.Optimizer:
-    """Build optimizer ``name`` for ``model``.
+    """Build optimizer ``name`` for ``model``; one summary line (what is projected, the class
+    and its learning rate) goes to the ``lowrank_optim`` logger.
 
     Projection settings go to the group of targeted ``nn.Linear`` weights (see
     :func:`lowrank_optim.param_groups`); ``optimizer_kwargs`` (``lr``, ``betas``,
@@ -142,6 +147,28 @@ def create_optimizer(
     >>> opt = create_optimizer(model, "galore_adamw", lr=1e-2, rank=128, scale=0.25)
     >>> trainer = Trainer(model=model, args=args, optimizers=(opt, None), ...)
     """
+    opt, summary = create_optimizer_and_summary(
+        model, name, target_modules=target_modules, rank=rank,
+        update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
+        embedding_bits=embedding_bits, **optimizer_kwargs)
+    logger.info(summary)
+    return opt
+
+
+def create_optimizer_and_summary(
+    model: nn.Module,
+    name: str,
+    *,
+    target_modules: TargetModules = "all-linear",
+    rank: int = 128,
+    update_proj_gap: int | None = UNSET,
+    scale: float = UNSET,
+    proj_type: str = "std",
+    embedding_bits: int | None = UNSET,
+    **optimizer_kwargs: Any,
+) -> tuple[torch.optim.Optimizer, str]:
+    """:func:`create_optimizer` and its summary line, not logged (for callers that add to
+    it, such as :func:`trainer_callbacks.attach`, which names where ``lr`` came from)."""
     if not isinstance(name, str):
         raise ValueError(f"Invalid optimizer name={name!r}: pass one of {available()} as a "
                          "string.")
@@ -155,9 +182,11 @@ def create_optimizer(
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"Unknown optimizer name={name!r}; choose one of {available()}.{hint}")
     if key in BASELINES:
-        return BASELINES[key](
-            [p for p in model.parameters() if p.requires_grad], **optimizer_kwargs
-        )
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = BASELINES[key](params, **optimizer_kwargs)
+        summary = (f"lowrank_optim: no projection, {len(params)} tensors "
+                   f"({sum(p.numel() for p in params):,} params)")
+        return opt, _with_optimizer(summary, key, opt)
     if embedding_bits is UNSET:
         embedding_bits = 32 if _uses_8bit(key, optimizer_kwargs) else None
     if key in MODEL_BUILDERS:
@@ -165,15 +194,25 @@ def create_optimizer(
             raise ValueError(f"{name!r} takes no update_proj_gap or scale: SST redraws its "
                              "vectors every iteration_length steps (an optimizer argument).")
         check_model_not_partitioned(model, key)  # DeepSpeed ZeRO-3 (zero.Init) slices
-        return MODEL_BUILDERS[key](model, target_modules=target_modules, rank=rank,
-                                   embedding_bits=embedding_bits, **optimizer_kwargs)
+        opt = MODEL_BUILDERS[key](model, target_modules=target_modules, rank=rank,
+                                  embedding_bits=embedding_bits, **optimizer_kwargs)
+        summary = (f"lowrank_optim: SST for {len(spectral_modules(model))} SpectralLinear "
+                   f"layers (rank {rank})")
+        return opt, _with_optimizer(summary, key, opt)
     proj = {**GALORE_PROJECTION_DEFAULTS, **PROJECTION_DEFAULTS_BY_NAME.get(key, {})}
     if update_proj_gap is not UNSET:
         proj["update_proj_gap"] = update_proj_gap
     if scale is not UNSET:
         proj["scale"] = scale
     _check_keywords(name, OPTIMIZERS[key], optimizer_kwargs)
-    groups = param_groups(model, target_modules, rank=rank, proj_type=proj_type,
-                          embedding_bits=embedding_bits, **proj)
-    return OPTIMIZERS[key](groups, **{**OPTIMIZER_DEFAULTS_BY_NAME.get(key, {}),
-                                      **optimizer_kwargs})
+    groups, summary = param_groups_and_summary(
+        model, target_modules, rank=rank, proj_type=proj_type, embedding_bits=embedding_bits,
+        **proj)
+    opt = OPTIMIZERS[key](groups, **{**OPTIMIZER_DEFAULTS_BY_NAME.get(key, {}),
+                                     **optimizer_kwargs})
+    return opt, _with_optimizer(summary, key, opt)
+
+
+def _with_optimizer(summary: str, key: str, opt: torch.optim.Optimizer) -> str:
+    """``summary`` plus the registry name, the class and its learning rate."""
+    return f"{summary}; {key} ({type(opt).__name__}) lr={opt.defaults.get('lr')!r}"

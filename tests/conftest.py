@@ -1,5 +1,7 @@
 """Fixtures, the settings of a pytest run (environment, BLAS threads) and the deselection of
-the ``interpret`` tests when Triton's CPU interpreter is off.
+the tests that run elsewhere: ``interpret`` (Triton's CPU interpreter off), ``aot`` (unless
+``-m`` names it) and ``gpu`` (no CUDA GPU), one summary line each instead of a skip line per
+test.
 
 Shared helpers live in :mod:`tests.helpers` (``from tests.helpers import ...``).
 """
@@ -40,22 +42,30 @@ _DESELECTED = pytest.StashKey[dict]()
 OWN_RUN = {
     "interpret": "TRITON_INTERPRET=1 python -m pytest -m interpret",
     "aot": "python -m pytest -m aot (ahead-of-time GPU compilation, minutes)",
+    "gpu": ("a CUDA GPU (bash scripts/gpu_check.sh), or on the interpreter with "
+            "LOWRANK_OPTIM_GPU_TESTS_ON_CPU=1 TRITON_INTERPRET=1 python -m pytest -m gpu"),
 }
 
 
 def _own_run_wanted(config, marker: str) -> bool:
-    if marker == "interpret":
-        from lowrank_optim.kernels.dispatch import interpreter_enabled
+    from lowrank_optim.kernels.dispatch import interpreter_enabled
 
+    if marker == "interpret":
         return interpreter_enabled()
-    return marker in (config.option.markexpr or "")
+    named = marker in (config.option.markexpr or "")
+    if marker == "gpu":  # a run on a GPU, or one that names them (it then reports skips)
+        return (torch.cuda.is_available() or named
+                or any("test_gpu.py" in str(a) for a in config.args)
+                or os.environ.get("LOWRANK_OPTIM_GPU_TESTS_ON_CPU", "") == "1")
+    return named
 
 
 def pytest_collection_modifyitems(config, items):
     """Deselect the tests of :data:`OWN_RUN` markers unless this run is theirs: ``interpret``
     (Triton kernels on the CPU interpreter) unless ``TRITON_INTERPRET`` is on, since Triton
     reads it when it is imported; ``aot`` (compiling every kernel for GPU targets) unless
-    ``-m`` names it.  This file never imports triton."""
+    ``-m`` names it; ``gpu`` without a CUDA GPU unless the run names them.  This file never
+    imports triton."""
     wanted = {m for m in OWN_RUN if _own_run_wanted(config, m)}
     kept, counts = [], dict.fromkeys(OWN_RUN, 0)
     deselected = []

@@ -273,7 +273,13 @@ def test_memory_callback_metrics_and_table(capsys):
     args = SimpleNamespace(logging_steps=1, report_to=[])
     state = TrainerState(global_step=1)
     cb.on_step_end(args, state, TrainerControl(), optimizer=opt)
+    assert state.log_history == []  # no row of its own: the keys join the Trainer's rows
+    # what Trainer.log does: append a copy of the row, then call on_log with the row itself
+    logs = {"loss": 2.5, "learning_rate": 1e-3}
+    state.log_history.append({**logs, "step": 1})
+    cb.on_log(args, state, TrainerControl(), logs=logs, optimizer=opt)
     (entry,) = state.log_history
+    assert entry == {**logs, "step": 1} and entry["loss"] == 2.5
     counts = lo.memory.state_bytes(opt)
     assert entry["optimizer_state/moments_bytes"] == counts.moments == 2 * (2 * 4 * 16 * 4)
     assert entry["optimizer_state/projectors_bytes"] == counts.projectors == 2 * 4 * 16 * 4

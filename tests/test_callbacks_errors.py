@@ -118,9 +118,21 @@ def test_factory_rejects_a_non_module() -> None:
         tc.LowRankOptimizerFactory()(None, name="galore_adamw", lr=1e-3)
 
 
-def test_factory_lr_may_be_left_to_adafactor_relative_step() -> None:
-    opt = tc.LowRankOptimizerFactory()(tiny_llama(), name="galore_adafactor", rank=8)
-    assert isinstance(opt, lo.GaLoreAdafactor)
+@pytest.mark.parametrize("name", ["galore_adafactor", "dct_adafactor"])
+def test_factory_adafactor_as_the_trainer_builds_it(name) -> None:
+    """With an lr: relative_step=False, scale_parameter=False (the Trainer's own
+    optim="galore_adafactor"); relative_step=True: Adafactor's own step size, no lr; neither:
+    an error naming both ways."""
+    opt = tc.LowRankOptimizerFactory()(tiny_llama(), name=name, rank=8, lr=1e-2)
+    group = opt.param_groups[0]
+    assert (group["lr"], group["relative_step"], group["scale_parameter"]) == (1e-2, False, False)
+    opt = tc.LowRankOptimizerFactory()(tiny_llama(), name=name, rank=8, relative_step=True)
+    assert opt.param_groups[0]["lr"] is None and opt.param_groups[0]["relative_step"] is True
+    opt = tc.LowRankOptimizerFactory()(tiny_llama(), name=name, rank=8, lr=1e-2,
+                                       scale_parameter=True)
+    assert opt.param_groups[0]["scale_parameter"] is True  # what is given is kept
+    with pytest.raises(ValueError, match=r"needs lr in its kwargs.*'relative_step': True"):
+        tc.LowRankOptimizerFactory()(tiny_llama(), name=name, rank=8)
 
 
 # -- lowrank_trainer_kwargs -----------------------------------------------------------------

@@ -101,8 +101,6 @@ def test_create_optimizer_refuses_bad_settings(name, kw, needle):
     (lambda m: lo.param_groups([x.requires_grad_(False) for x in
                                 [p for n, p in m.named_parameters() if "proj" in n]] and m),
      r"weights are frozen \(requires_grad=False\)"),
-    (lambda m: lo.create_optimizer(m, "galore_adamw", rank=10_000),
-     r"rank=10000 exceeds min\(m, n\)"),
     (lambda m: lo.create_optimizer(m, "galore_adamw", rank=8, correct_bias="no"),
      r"correct_bias='no'"),
 ])

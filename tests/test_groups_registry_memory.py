@@ -121,3 +121,75 @@ def test_projected_param_names_are_unique_across_unnamed_groups():
     opt = lo.GaLoreAdamW([{"params": [a], "rank": 2}, {"params": [b], "rank": 4}])
     names = [name for name, _, _ in opt.projected_params()]
     assert names == ["group0.param0", "group1.param0"]
+
+
+# -- README promises: head selection, rank above every weight, state_bytes printing ---------
+def test_all_linear_plus_head_adds_an_untied_head_only():
+    model = tiny_llama()
+    names = _names(lo.param_groups(model, "all-linear+head", rank=4))
+    assert len(names) == 2 * 7 + 1 and names[-1] == "lm_head.weight"
+    tied = tiny_llama(tie_word_embeddings=True)
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    # a tied head is the embedding: never projected (the HF Trainer's GaLore selects by
+    # parameter name, and a tied head's weight is named after the embedding)
+    assert len(_names(lo.param_groups(tied, "all_linear+head", rank=4))) == 2 * 7
+
+
+@pytest.mark.parametrize("name", ["galore_adamw", "dct_adamw", "galore_adamw8bit",
+                                  "galore_adafactor", "sst_adamw"])
+def test_rank_above_every_weight_trains_everything_unprojected(name, caplog):
+    """The README's promise: weights narrower than rank go to the plain group, even when that
+    is all of them (rank=128 on hidden 64), with a warning naming the rank that projects."""
+    model = tiny_llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with caplog.at_level("INFO", logger="lowrank_optim"):
+        opt = lo.create_optimizer(model, name, **({"lr": 1e-3, "relative_step": False}
+                                                  if "adafactor" in name else {}))
+    warnings = [r.message for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and "rank=128 exceeds" in warnings[0] and "rank <= 64" in \
+        warnings[0]
+    assert not any(g.get("rank") for g in opt.param_groups)
+    assert sum(len(g["params"]) for g in opt.param_groups) == len(before)
+    assert not any(type(m).__name__ == "SpectralLinear" for m in model.modules())
+    losses = train(model, opt, token_batches(3))
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert all(not torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert state_bytes(opt).projectors == 0
+
+
+def test_sst_converts_only_layers_at_least_rank_wide():
+    import torch.nn as nn
+
+    model = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 4))
+    opt = lo.create_optimizer(model, "sst_adamw", rank=8)
+    assert type(model[0]).__name__ == "SpectralLinear" and type(model[2]) is nn.Linear
+    plain = [p for g in opt.param_groups if not g.get("rank") for p in g["params"]]
+    assert any(p is model[2].weight for p in plain)
+    with pytest.raises(ValueError, match=r"rank=8 exceeds its number of singular values"):
+        lo.sst.convert(nn.Sequential(nn.Linear(32, 4)), rank=8)  # explicit convert: strict
+
+
+def test_state_bytes_prints_units_bytes_per_param_and_the_empty_case():
+    model = tiny_llama()
+    opt = lo.create_optimizer(model, "galore_adamw", rank=8)
+    n = sum(p.numel() for p in model.parameters())
+    empty = str(state_bytes(opt))
+    assert f"no optimizer state yet over {n:,} params" in empty and "first step()" in empty
+    train(model, opt, token_batches(1))
+    counts = state_bytes(opt)
+    line = str(counts)
+    assert f"= {counts.total / n:.3f} B/param" in line and f"over {n:,} params" in line
+    assert "moments" in line and "KiB" in line and "projectors" in line
+    assert lo.memory.format_bytes(512) == "512 B"
+    assert lo.memory.format_bytes(3 * 2**30 + 2**29) == "3.50 GiB"
+
+
+def test_summary_line_names_the_optimizer_and_its_lr(caplog):
+    with caplog.at_level("INFO", logger="lowrank_optim"):
+        lo.create_optimizer(tiny_llama(), "dct_adamw", rank=8, lr=3e-3)
+        lo.create_optimizer(tiny_llama(), "adamw", lr=2e-4)
+    lines = [r.message for r in caplog.records if r.name == "lowrank_optim"]
+    assert len(lines) == 2
+    assert "rank-8 projection for 14 Linear weights" in lines[0]
+    assert lines[0].endswith("dct_adamw (DCTAdamW) lr=0.003")
+    assert lines[1].endswith("adamw (AdamW) lr=0.0002")

@@ -47,44 +47,94 @@ def interval(every: int | None, args: Any, state: Any) -> int:
     return max(1, int(steps))
 
 
-class LoggingCallback(TrainerCallback):
-    """Base of the callbacks that log metrics.
+def will_log(args: Any, state: Any, step: int) -> bool:
+    """Whether the Trainer's ``DefaultFlowCallback`` will log at optimizer step ``step``
+    (step-based logging or ``logging_first_step``), predicted before the step completes."""
+    if step == 1 and getattr(args, "logging_first_step", False):
+        return True
+    strategy = getattr(getattr(args, "logging_strategy", "steps"), "value",
+                       getattr(args, "logging_strategy", "steps"))
+    return strategy == "steps" and step % interval(None, args, state) == 0
 
-    Bound to a Trainer (:meth:`bind`, done by :func:`trainer_callbacks.attach`), metrics go
-    through ``trainer.log``: ``state.log_history``, the console and every ``report_to``
-    integration.  A callback passed as ``Trainer(callbacks=[...])`` has no handle on the
-    Trainer (callbacks receive none, and run after the integrations), so unbound metrics are
-    appended to ``state.log_history`` only, with a one-time warning when integrations are on.
+
+def is_training_row(logs: dict[str, Any]) -> bool:
+    """A row the Trainer logs during training (``loss`` / ``learning_rate`` / ``grad_norm``),
+    as opposed to evaluation rows and the end-of-training summary."""
+    return any(k in logs for k in ("loss", "learning_rate", "grad_norm"))
+
+
+def _first_reader_index(callbacks: list[Any]) -> int:
+    """Where a callback goes to add keys to the rows before anything reads them: right after
+    the Trainer's ``DefaultFlowCallback`` (which decides when to log), so before the
+    ``report_to`` integrations, the console printer / progress bar and user callbacks."""
+    for i, cb in enumerate(callbacks):
+        if type(cb).__name__ == "DefaultFlowCallback":
+            return i + 1
+    return 0
+
+
+class LoggingCallback(TrainerCallback):
+    """Base of the callbacks that log metrics: their keys join the Trainer's own log rows.
+
+    At each training log of the Trainer (``on_log``, at ``logging_steps``), :meth:`collect`
+    gives the metrics, which are added to that same row: ``state.log_history`` keeps one row
+    per logging step (HF's practice of reading ``log_history[i]["learning_rate"]`` keeps
+    working), and the ``report_to`` integrations that run after this callback (wandb,
+    tensorboard, ...) and the console see them in the same row.  ``every`` (``None``: every
+    row) restricts them to rows whose step is a multiple of it.
+
+    :func:`trainer_callbacks.attach` (or :meth:`bind`) places the callback before the
+    integrations.  Passed as ``Trainer(callbacks=[...])`` it runs after them (the Trainer adds
+    integrations first): the keys then reach ``state.log_history`` only, with a one-time
+    warning when integrations are on.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, every: int | None = None) -> None:
+        check_every(every)
+        self.every = every
         self.trainer: Any = None
         self._warned_unbound = False
 
     def bind(self, trainer: Any) -> LoggingCallback:
-        """Log through ``trainer.log`` (returns ``self``)."""
-        if not callable(getattr(trainer, "log", None)):
-            raise TypeError(f"bind() takes the transformers.Trainer whose log() receives the "
+        """Run before ``trainer``'s ``report_to`` integrations and console printer, so they
+        receive the metrics (moves the callback if the Trainer already has it; returns
+        ``self``)."""
+        handler = getattr(trainer, "callback_handler", None)
+        if not callable(getattr(trainer, "log", None)) or handler is None:
+            raise TypeError(f"bind() takes the transformers.Trainer whose log rows receive the "
                             f"metrics, got {type(trainer).__name__}.")
         self.trainer = trainer
+        if self in handler.callbacks:
+            handler.callbacks.remove(self)
+            handler.callbacks.insert(_first_reader_index(handler.callbacks), self)
         return self
 
-    def emit(self, metrics: dict[str, float], args: Any, state: Any, control: Any) -> None:
-        """Log ``metrics`` for the current step."""
+    def due(self, args: Any, state: Any, step: int) -> bool:
+        """Whether the metrics belong in a training row logged at ``step``."""
+        return self.every is None or step % self.every == 0
+
+    def collect(self, args: Any, state: Any, optimizer: Any) -> dict[str, float]:
+        """The metrics of the row being logged (subclasses)."""
+        raise NotImplementedError
+
+    def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
+        if logs is None or optimizer is None or not is_training_row(logs):
+            return
+        if not self.due(args, state, state.global_step):
+            return
+        metrics = self.collect(args, state, optimizer)
         if not metrics:
             return
-        if self.trainer is not None:
-            # the handler's on_log clears control.should_log, which would drop the Trainer's
-            # own log of this step: keep the flag as it was
-            should_log = control.should_log
-            self.trainer.log(dict(metrics))
-            control.should_log = should_log
-            return
-        state.log_history.append({**metrics, "step": state.global_step})
+        logs.update(metrics)
+        # Trainer.log appended a copy of this row before calling on_log: update it too
+        last = state.log_history[-1] if state.log_history else None
+        if last is not None and last.get("step") == state.global_step and is_training_row(last):
+            last.update(metrics)
         report_to = [r for r in (getattr(args, "report_to", None) or []) if r != "none"]
-        if report_to and not self._warned_unbound:
+        if self.trainer is None and report_to and not self._warned_unbound:
             self._warned_unbound = True
             logger.warning(
-                "%s is not bound to the Trainer, so its metrics reach state.log_history but not "
-                "%s; add it with trainer_callbacks.attach(trainer, ...) or call .bind(trainer).",
+                "%s runs after the report_to integrations (it was passed as "
+                "Trainer(callbacks=...)), so its metrics reach state.log_history but not %s; "
+                "add it with trainer_callbacks.attach(trainer, ...) or call .bind(trainer).",
                 type(self).__name__, ", ".join(report_to))

@@ -27,6 +27,7 @@ from lowrank_optim.registry import (
     OPTIMIZERS,
     available,
     create_optimizer,
+    create_optimizer_and_summary,
 )
 from trainer_callbacks._common import (
     LoggingCallback,
@@ -108,6 +109,46 @@ def check_optimizer_kwargs(key: str, kwargs: dict[str, Any], *, where: str) -> N
                             f"{sorted(accepted)}.")
 
 
+def takes_relative_step(key: str) -> bool:
+    """Whether optimizer ``key`` has Adafactor's ``relative_step`` (its own step size)."""
+    return "relative_step" in _keywords(optimizer_class(key).__init__, ("self", "params"))[0]
+
+
+def trainer_style(key: str, kwargs: dict[str, Any],
+                  learning_rate: float | None) -> tuple[dict[str, Any], str]:
+    """Optimizer keywords as the Trainer gives its own optimizers, and a note on them for the
+    summary line.
+
+    ``lr`` defaults to ``learning_rate`` (``TrainingArguments.learning_rate``; ``None``: no
+    default).  Adafactor-type optimizers (``galore_adafactor``, ``dct_adafactor``) given a
+    learning rate get ``relative_step=False, scale_parameter=False`` unless set, as the
+    Trainer's ``optim="adafactor"`` / ``"galore_adafactor"`` do; ``relative_step=True`` keeps
+    Adafactor's own step size and then no ``lr`` is added.
+    """
+    out = dict(kwargs)
+    adafactor = takes_relative_step(key)
+    if adafactor and out.get("relative_step") is True:
+        return out, "lr from Adafactor's relative step (relative_step=True)"
+    note = "lr given"
+    if "lr" not in out and learning_rate is not None:
+        out["lr"] = learning_rate
+        note = "lr from TrainingArguments.learning_rate"
+    if adafactor and out.get("lr") is not None:
+        added = [k for k in ("relative_step", "scale_parameter") if k not in out]
+        for k in added:
+            out[k] = False
+        if added:
+            note += f"; {', '.join(f'{k}=False' for k in added)} as the Trainer's own Adafactor"
+    return out, note
+
+
+def build_optimizer(model: nn.Module, key: str, kwargs: dict[str, Any], note: str) -> Any:
+    """``create_optimizer(model, key, **kwargs)``, its summary line logged with ``note``."""
+    opt, summary = create_optimizer_and_summary(model, key, **kwargs)
+    logger.info("%s (%s)", summary, note)
+    return opt
+
+
 def _check_model(model: Any, where: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"{where} needs the torch.nn.Module to optimize, got "
@@ -121,8 +162,10 @@ class LowRankOptimizerFactory:
     factory: it instantiates it without arguments and calls it with ``(model, **kwargs)``.
     ``kwargs`` are those of :func:`lowrank_optim.create_optimizer` (``name`` included); the
     Trainer adds nothing, so ``lr`` is required (the optimizer's own default would silently
-    replace ``TrainingArguments.learning_rate``), except for optimizers whose ``lr`` defaults
-    to ``None`` (Adafactor's relative step size).
+    replace ``TrainingArguments.learning_rate``), except for Adafactor-type optimizers given
+    ``relative_step=True`` (Adafactor's own step size).  With an ``lr``, Adafactor-type
+    optimizers get ``relative_step=False, scale_parameter=False`` unless set, as the Trainer's
+    ``optim="galore_adafactor"``.
 
     Raises
     ------
@@ -142,8 +185,9 @@ class LowRankOptimizerFactory:
     def __call__(self, model: nn.Module, name: str = "galore_adamw",
                  **kwargs: Any) -> Any:
         _check_model(model, "LowRankOptimizerFactory")
-        self.check(name, kwargs)
-        return create_optimizer(model, name, **kwargs)
+        key = self.check(name, kwargs)
+        kwargs, note = trainer_style(key, kwargs, None)
+        return build_optimizer(model, key, kwargs, note)
 
     @staticmethod
     def check(name: Any, kwargs: dict[str, Any]) -> str:
@@ -152,14 +196,15 @@ class LowRankOptimizerFactory:
         at attach time rather than inside ``train()``."""
         key = resolve_name(name)
         check_optimizer_kwargs(key, kwargs, where="LowRankOptimizerFactory")
-        if "lr" not in kwargs:
-            default = inspect.signature(optimizer_class(key).__init__).parameters.get("lr")
-            if default is not None and default.default is not None:
-                raise ValueError(
-                    "LowRankOptimizerFactory needs lr in its kwargs: the Trainer passes "
-                    "TrainingArguments.learning_rate only to its own optimizers, so without it "
-                    f"{optimizer_class(key).__name__}'s default would be used silently. Add "
-                    "'lr': args.learning_rate to the dict.")
+        own_step = takes_relative_step(key) and kwargs.get("relative_step") is True
+        if "lr" not in kwargs and not own_step:
+            extra = (" (or 'relative_step': True for Adafactor's own step size)"
+                     if takes_relative_step(key) else "")
+            raise ValueError(
+                "LowRankOptimizerFactory needs lr in its kwargs: the Trainer passes "
+                "TrainingArguments.learning_rate only to its own optimizers, so without it "
+                f"{optimizer_class(key).__name__}'s default would be used silently. Add "
+                f"'lr': args.learning_rate to the dict{extra}.")
         return key
 
 
@@ -227,9 +272,10 @@ def _check_combination(cls: type, label: str, callbacks: list[TrainerCallback],
             "parameters step independently: galore_*, dct_*); drop layerwise=True.")
 
 
-def _optimizer(model: nn.Module, name: str, layerwise: bool, max_grad_norm: float | None,
-               kwargs: dict[str, Any], accumulation: int = 1) -> Any:
-    opt = create_optimizer(model, name, **kwargs)
+def _optimizer(model: nn.Module, key: str, note: str, layerwise: bool,
+               max_grad_norm: float | None, kwargs: dict[str, Any],
+               accumulation: int = 1) -> Any:
+    opt = build_optimizer(model, key, kwargs, note)
     if layerwise:
         return LayerwiseOptimizer(opt, max_grad_norm=max_grad_norm,
                                   gradient_accumulation_steps=accumulation)
@@ -254,7 +300,9 @@ def lowrank_trainer_kwargs(
     ----------
     model, name, optimizer_kwargs
         As for :func:`lowrank_optim.create_optimizer` (``rank``, ``target_modules``, ``lr``,
-        ...).  ``lr`` defaults to ``args.learning_rate`` when ``args`` is given.
+        ...), completed as the Trainer completes its own optimizers' (:func:`trainer_style`):
+        ``lr`` defaults to ``args.learning_rate`` when ``args`` is given, and Adafactor-type
+        optimizers with an ``lr`` get ``relative_step=False, scale_parameter=False``.
     args
         The ``TrainingArguments`` (optional; only read for the default ``lr``).
     refresh
@@ -284,17 +332,17 @@ def lowrank_trainer_kwargs(
     _check_model(model, "lowrank_trainer_kwargs")
     key = resolve_name(name)
     _check_settings(memory, stats, layerwise, max_grad_norm)
-    if args is not None:
-        if not hasattr(args, "learning_rate"):
-            raise TypeError(f"args must be the transformers.TrainingArguments, got "
-                            f"{type(args).__name__}.")
-        optimizer_kwargs.setdefault("lr", args.learning_rate)
+    if args is not None and not hasattr(args, "learning_rate"):
+        raise TypeError(f"args must be the transformers.TrainingArguments, got "
+                        f"{type(args).__name__}.")
     check_optimizer_kwargs(key, optimizer_kwargs, where="lowrank_trainer_kwargs()")
+    optimizer_kwargs, note = trainer_style(key, optimizer_kwargs,
+                                           getattr(args, "learning_rate", None))
     callbacks = _callbacks(refresh, memory, stats, layerwise)  # checks the schedule
     _check_combination(optimizer_class(key), repr(name), callbacks, stats, layerwise,
                        optimizer_kwargs)
     accumulation = getattr(args, "gradient_accumulation_steps", 1) if layerwise else 1
-    opt = _optimizer(model, name, layerwise, max_grad_norm, optimizer_kwargs, accumulation)
+    opt = _optimizer(model, key, note, layerwise, max_grad_norm, optimizer_kwargs, accumulation)
     return {"optimizers": (opt, None), "callbacks": callbacks}
 
 
@@ -401,9 +449,11 @@ def attach(
 ) -> list[TrainerCallback]:
     """Give an existing Trainer a lowrank-optim optimizer and callbacks (call before ``train``).
 
-    With ``name``, builds ``create_optimizer(trainer.model, name, **optimizer_kwargs)``
-    (``lr`` defaults to ``trainer.args.learning_rate``) and installs it as the Trainer's
-    optimizer; without, keeps the optimizer given as ``Trainer(optimizers=(opt, None))``.
+    With ``name``, builds ``create_optimizer(trainer.model, name, **optimizer_kwargs)`` the
+    way the Trainer builds its own optimizers (:func:`trainer_style`: ``lr`` defaults to
+    ``trainer.args.learning_rate``; Adafactor-type optimizers get ``relative_step=False,
+    scale_parameter=False`` unless set) and installs it as the Trainer's optimizer (the
+    summary line on the ``lowrank_optim`` logger names the learning rate and its source); without, keeps the optimizer given as ``Trainer(optimizers=(opt, None))``.
     Logging callbacks are bound to the Trainer, so their metrics go through ``trainer.log``
     to every ``report_to`` integration.  Other arguments as in :func:`lowrank_trainer_kwargs`.
 
@@ -447,12 +497,12 @@ def attach(
             "pass attach(..., layerwise=True, max_grad_norm=...) for per-parameter clipping.")
     if name is not None:
         key = resolve_name(name)
-        optimizer_kwargs.setdefault("lr", args.learning_rate)
         check_optimizer_kwargs(key, optimizer_kwargs, where="attach()")
+        optimizer_kwargs, note = trainer_style(key, optimizer_kwargs, args.learning_rate)
         _check_combination(optimizer_class(key), repr(name), callbacks, stats, layerwise,
                            optimizer_kwargs)
-        optimizer = _optimizer(trainer.model, name, layerwise, max_grad_norm, optimizer_kwargs,
-                               args.gradient_accumulation_steps)
+        optimizer = _optimizer(trainer.model, key, note, layerwise, max_grad_norm,
+                               optimizer_kwargs, args.gradient_accumulation_steps)
     else:
         if optimizer_kwargs:
             raise ValueError(f"Optimizer arguments {sorted(optimizer_kwargs)} need a name: "
@@ -463,10 +513,10 @@ def attach(
     setattr(trainer, _ATTACHED, True)
     callbacks = _callbacks(refresh, memory, stats, layerwise)
     for cb in callbacks:
-        if isinstance(cb, LoggingCallback):
-            cb.bind(trainer)
         if isinstance(cb, LayerwiseCallback):  # before the integrations: it fixes grad_norm
             trainer.callback_handler.callbacks.insert(0, cb)
         else:
             trainer.add_callback(cb)
+        if isinstance(cb, LoggingCallback):  # moved before the integrations: same log rows
+            cb.bind(trainer)
     return callbacks

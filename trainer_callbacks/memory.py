@@ -12,9 +12,7 @@ from lowrank_optim.memory import CATEGORIES, adamw_state_bytes, state_bytes
 from trainer_callbacks._common import (
     LoggingCallback,
     check_bool,
-    check_every,
     innermost_optimizer,
-    interval,
 )
 
 
@@ -38,7 +36,8 @@ def peak_memory(device: torch.device) -> tuple[str, int]:
 class OptimizerMemoryCallback(LoggingCallback):
     """Log optimizer-state bytes by category, bytes per parameter and peak memory.
 
-    Metrics (every ``every`` steps, default the Trainer's ``logging_steps``):
+    Metrics, added to the Trainer's own log rows (at ``logging_steps``; ``every``: only rows
+    whose step is a multiple of it):
     ``optimizer_state/{moments,projectors,indices,other,total}_bytes``,
     ``optimizer_state/bytes_per_param``, ``optimizer_state/adamw_ratio`` (total over what
     ``torch.optim.AdamW`` would hold for the same parameters) and the peak memory of
@@ -50,16 +49,15 @@ class OptimizerMemoryCallback(LoggingCallback):
     Parameters
     ----------
     every
-        Logging interval in optimizer steps (``None``: ``TrainingArguments.logging_steps``).
+        ``None``: every training log row of the Trainer; an integer: the rows whose step is a
+        multiple of it.
     print_table
         Print the one-time comparison table.
     """
 
     def __init__(self, every: int | None = None, print_table: bool = True) -> None:
-        check_every(every)
         check_bool("print_table", print_table)
-        super().__init__()
-        self.every = every
+        super().__init__(every)
         self.print_table = print_table
         self._printed = False
 
@@ -95,11 +93,12 @@ class OptimizerMemoryCallback(LoggingCallback):
         lines.append(f"  {'AdamW':<12}{adamw:>14,}{adamw / n:>13.3f}   (ours: {ratio:.3f}x)")
         return "\n".join(lines)
 
+    def collect(self, args: Any, state: Any, optimizer: Any) -> dict[str, float]:
+        return self.metrics(optimizer)
+
     def on_step_end(self, args: Any, state: Any, control: Any, optimizer=None, **kwargs):
         if optimizer is None:
             return
         if self.print_table and not self._printed and state.is_world_process_zero:
             self._printed = True
             print(self.table(optimizer), flush=True)
-        if state.global_step % interval(self.every, args, state) == 0:
-            self.emit(self.metrics(optimizer), args, state, control)

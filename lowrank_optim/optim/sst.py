@@ -16,13 +16,14 @@ per-layer schedule around that step, kept here:
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowrank_optim.groups import TargetModules
+from lowrank_optim.groups import TargetModules, plain_groups, select_linear_weights
 from lowrank_optim.optim._hyperparameters import fill_doc, group_defaults
 from lowrank_optim.optim.base import LowRankOptimizer
 from lowrank_optim.projectors.sampled import SampledColumnsProjector
@@ -32,6 +33,8 @@ from lowrank_optim.sst.groups import sst_param_groups
 from lowrank_optim.sst.layers import spectral_product, svd_factors
 from lowrank_optim.sst.sampling import sample_indices, seeded_generator
 from lowrank_optim.validation import check_int_at_least, param_label
+
+logger = logging.getLogger("lowrank_optim")
 
 #: per-layer schedule counters, kept in the state of the layer's ``S`` (int64 scalars)
 LAYER_KEYS = ("sst_layer", "sst_step", "sst_draws", "sst_resvds")
@@ -336,6 +339,15 @@ def create_sst_adamw(
     see :func:`lowrank_optim.groups.plain_groups`.
     """
     if not spectral_modules(model):
-        convert(model, rank=rank, target_modules=target_modules)
-    groups = sst_param_groups(model, rank=rank, embedding_bits=embedding_bits)
+        convert(model, rank=rank, target_modules=target_modules, skip_below_rank=True)
+    if spectral_modules(model):
+        groups = sst_param_groups(model, rank=rank, embedding_bits=embedding_bits)
+    else:  # every targeted layer is narrower than rank: as GaLore, nothing projected
+        largest = max(min(w.shape) for _, w in select_linear_weights(model, target_modules)[0])
+        logger.warning(
+            "lowrank_optim: rank=%d exceeds min(in, out) of every targeted layer (largest %d), "
+            "so no layer is converted and every tensor trains with plain AdamW (full-size "
+            "state); pass rank <= %d for SST.", rank, largest, largest)
+        groups = plain_groups(model, [(n, p) for n, p in model.named_parameters()
+                                      if p.requires_grad], embedding_bits)
     return SSTAdamW(groups, **optimizer_kwargs)

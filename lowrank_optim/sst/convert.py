@@ -45,6 +45,7 @@ def convert(
     rank: int | None = None,
     target_modules: TargetModules = "all-linear",
     enhanced_grad: bool = True,
+    skip_below_rank: bool = False,
 ) -> nn.Module:
     """Replace the targeted ``nn.Linear`` layers of ``model`` by exact :class:`SpectralLinear` ones.
 
@@ -62,6 +63,10 @@ def convert(
         (see :func:`lowrank_optim.groups.select_linear_weights`).
     enhanced_grad
         See :class:`SpectralLinear`.
+    skip_below_rank
+        Leave targeted layers whose ``min(in, out)`` is below ``rank`` as ``nn.Linear``
+        (logged) instead of raising; what ``create_optimizer(model, "sst_adamw")`` does, as
+        GaLore's groups keep such weights unprojected.
 
     Returns
     -------
@@ -93,6 +98,10 @@ def convert(
             f"target_modules={target_modules!r} matched no trainable nn.Linear in this model; "
             "pass substrings of its Linear module names or 'all-linear'."
         )
+    small = []
+    if skip_below_rank and rank is not None:
+        small = [n for n, w in selected if min(w.shape) < rank]
+        selected = [(n, w) for n, w in selected if min(w.shape) >= rank]
     shared = _shared_weight_names(model)
     for weight_name, weight in selected:
         if len(shared[id(weight)]) > 1:
@@ -106,8 +115,9 @@ def convert(
         linear = model.get_submodule(name)
         _set_submodule(model, name, SpectralLinear.from_linear(
             linear, rank=rank, enhanced_grad=enhanced_grad))
-    logger.info("lowrank_optim.sst: converted %d nn.Linear layers to SpectralLinear (rank %s)",
-                len(selected), rank)
+    logger.info("lowrank_optim.sst: converted %d nn.Linear layers to SpectralLinear (rank %s)%s",
+                len(selected), rank, f"; {len(small)} with min(in, out) < rank left as "
+                f"nn.Linear (e.g. {small[0]})" if small else "")
     return model
 
 
