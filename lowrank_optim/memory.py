@@ -19,6 +19,8 @@ import torch
 from lowrank_optim.distributed.tensors import local_tensor
 
 CATEGORIES = ("moments", "projectors", "indices", "other")
+#: binary units of :func:`format_bytes`, each 1024 times the previous one
+UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
 
 @dataclass(frozen=True)
@@ -54,14 +56,30 @@ class StateBytes:
                 f"= {self.bytes_per_param:.3f} B/param")
 
 
-def format_bytes(n: float) -> str:
-    """``n`` bytes with a binary unit chosen by size: ``512 B``, ``1.50 KiB``, ``3.20 GiB``."""
-    value, unit = float(n), "B"
-    for bigger in ("KiB", "MiB", "GiB", "TiB"):
-        if abs(value) < 1024:
-            break
-        value, unit = value / 1024, bigger
-    return f"{int(value)} B" if unit == "B" else f"{value:.2f} {unit}"
+def byte_unit(num_bytes: float) -> tuple[str, int]:
+    """``(unit, bytes per unit)``: the largest of :data:`UNITS` not above ``|num_bytes|``
+    (``B`` below one KiB)."""
+    size, unit = abs(num_bytes), 0
+    while unit < len(UNITS) - 1 and size >= 1024 ** (unit + 1):
+        unit += 1
+    return UNITS[unit], 1024 ** unit
+
+
+def format_bytes(num_bytes: float, sign: bool = False) -> str:
+    """``num_bytes`` in the unit that fits it: ``"512 B"``, ``"1.50 KiB"``, ``"13.48 GiB"``.
+
+    Parameters
+    ----------
+    num_bytes
+        A byte count (negative for a shortfall).
+    sign
+        Show ``+`` in front of positive values (headroom).
+    """
+    unit, scale = byte_unit(num_bytes)
+    plus = "+" if sign else ""
+    if scale == 1:
+        return f"{num_bytes:{plus}.0f} B"
+    return f"{num_bytes / scale:{plus}.2f} {unit}"
 
 
 def category(key: str, value: torch.Tensor) -> str:

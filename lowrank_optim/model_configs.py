@@ -19,14 +19,51 @@ LLAMA_SHAPES: dict[str, tuple[int, int, int, int]] = {
 }
 #: vocab of each named config (the tiny one is byte-level)
 LLAMA_VOCAB: dict[str, int] = {"tiny": 256}
+#: prefixes a config name may carry, as the recipe's config files are named (``llama_7b.yaml``)
+NAME_PREFIXES = ("llama_", "llama-", "llama")
+
+
+def model_name(name: str) -> str | None:
+    """The :data:`LLAMA_SHAPES` key that ``name`` spells, or ``None``.
+
+    Case does not matter and a ``llama_`` / ``llama-`` prefix is optional, so ``"7b"``,
+    ``"7B"``, ``"llama_7b"`` (the recipe's ``recipes/configs/llama_7b.yaml``), ``"llama-7b"``
+    and ``"LLaMA-7B"`` all give ``"7b"``.
+
+    Parameters
+    ----------
+    name
+        A size name, with or without the prefix.
+
+    Returns
+    -------
+    str or None
+        The canonical name, or ``None`` when ``name`` is not a string or names no config.
+    """
+    if not isinstance(name, str):
+        return None
+    key = name.strip().lower()
+    for prefix in NAME_PREFIXES:
+        if key.startswith(prefix) and key[len(prefix):] in LLAMA_SHAPES:
+            return key[len(prefix):]
+    return key if key in LLAMA_SHAPES else None
+
+
+def model_names_help() -> str:
+    """The accepted names in one line, for messages and ``--help``."""
+    return (f"{', '.join(LLAMA_SHAPES)} (any case, llama_ / llama- prefix optional: 7b, "
+            "llama_7b, llama-7b, LLaMA-7B)")
 
 
 def llama_config(name: str = "tiny", **overrides: Any):
-    """A ``transformers.LlamaConfig`` for one of :data:`LLAMA_SHAPES`."""
+    """A ``transformers.LlamaConfig`` for one of :data:`LLAMA_SHAPES` (any spelling that
+    :func:`model_name` accepts, e.g. ``"llama_7b"``)."""
     from transformers import LlamaConfig
 
-    if name not in LLAMA_SHAPES:
-        raise ValueError(f"Unknown LLaMA config {name!r}; choose one of {sorted(LLAMA_SHAPES)}.")
+    key = model_name(name)
+    if key is None:
+        raise ValueError(f"Unknown LLaMA config {name!r}; choose one of {model_names_help()}.")
+    name = key
     hidden, inter, heads, layers = LLAMA_SHAPES[name]
     kwargs: dict[str, Any] = dict(
         hidden_size=hidden, intermediate_size=inter, num_attention_heads=heads,

@@ -9,6 +9,10 @@ it also reports the peak allocated memory.
     python -m lowrank_optim.profile --model 7b --optimizer galore_adamw --rank 1024 \\
         --precision bf16 --seq-len 256 --batch-size 1 --layerwise --opt-arg bits=8
     python -m lowrank_optim.profile --model path/to/config.json --optimizer adamw --json out.json
+
+Model names (``lowrank_optim.model_configs.LLAMA_SHAPES``) are spelled either way: ``7b`` or
+``llama_7b`` (as ``recipes/configs/llama_7b.yaml``), ``llama-7b``, ``7B``.  Sizes are printed in
+the unit that fits them (B, KiB, MiB, GiB, TiB); the JSON output holds bytes.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from typing import Any
 
 import torch
 
-from lowrank_optim.memory import state_bytes
-from lowrank_optim.model_configs import LLAMA_SHAPES, llama_config
+from lowrank_optim.memory import byte_unit, format_bytes, state_bytes
+from lowrank_optim.model_configs import LLAMA_SHAPES, llama_config, model_name, model_names_help
 
 GIB = 2**30
 
@@ -93,12 +97,12 @@ class MemoryProfile:
                  f"{self.mode} | precision {s.get('precision')}, seq {s.get('seq_len')}, "
                  f"batch {s.get('batch_size')}, checkpointing {s.get('checkpointing')}, "
                  f"layerwise {s.get('layerwise')}", ""]
-        lines += [f"  {name:<32}{b / GIB:>10.3f} GiB" for name, b in rows]
+        lines += [f"  {name:<32}{format_bytes(b):>12}" for name, b in rows]
         per = self.optimizer_state / max(self.num_params, 1)
-        lines += [f"  {'optimizer bytes / param':<32}{per:>10.3f}", "",
-                  f"  fits (with {OVERHEAD_BYTES / GIB:.1f} GiB kept free):"]
-        lines += [f"    {'yes' if ok else 'no ':<4}{name:<34}{room:>+8.2f} GiB"
-                  for name, ok, room in self.fits()]
+        lines += [f"  {'optimizer bytes / param':<32}{per:>12.3f}", "",
+                  f"  fits (with {format_bytes(OVERHEAD_BYTES)} kept free):"]
+        lines += [f"    {'yes' if ok else 'no ':<4}{name:<34}"
+                  f"{format_bytes(room * GIB, sign=True):>12}" for name, ok, room in self.fits()]
         return "\n".join(lines)
 
 
@@ -126,16 +130,16 @@ def model_config(model: str | os.PathLike):
     if not isinstance(model, (str, os.PathLike)):
         raise TypeError(f"model must be a size name such as '7b' or a path to a config.json, "
                         f"got {type(model).__name__} {model!r}")
-    if model in LLAMA_SHAPES:
-        return llama_config(model)
+    name = model_name(model)
+    if name is not None:
+        return llama_config(name)
     path = Path(model)
     if path.is_dir():
         path = path / "config.json"
     if not (path.suffix == ".json" and path.is_file()):
-        hint = _did_you_mean(str(model), list(LLAMA_SHAPES))
-        raise ValueError(f"unknown model {str(model)!r}{hint}: "
-                         f"use one of {sorted(LLAMA_SHAPES)} or a path to a local Hugging Face "
-                         "config.json")
+        hint = _did_you_mean(str(model), [*LLAMA_SHAPES, *(f"llama_{n}" for n in LLAMA_SHAPES)])
+        raise ValueError(f"unknown model {str(model)!r}{hint}: use one of "
+                         f"{model_names_help()}, or a path to a local Hugging Face config.json")
     from transformers import AutoConfig
 
     try:
@@ -192,6 +196,14 @@ def _optimizer(model, name: str, rank: int, opt_args: dict[str, Any], analytic: 
         if analytic:
             kwargs.setdefault("nonfinite", "ignore")  # meta tensors have no values to check
     opt = create_optimizer(model, name, **kwargs)
+    if name.lower() not in BASELINES and not any(g.get("rank") for g in opt.param_groups):
+        # the library trains such a model unprojected (with a warning); a profile of that
+        # would answer another question than the one asked
+        widest = max((min(m.weight.shape) for m in model.modules()
+                      if isinstance(m, torch.nn.Linear)), default=0)
+        raise ValueError(f"rank={kwargs['rank']} exceeds min(m, n) of every targeted weight "
+                         f"(largest {widest}): {name} would project nothing; choose a rank "
+                         f"<= {widest}")
     if (layerwise and isinstance(opt, LowRankOptimizer)
             and not opt.projector_type.layerwise):
         raise ValueError(f"layerwise=True: {name} ({type(opt).__name__}) cannot step one "
@@ -306,7 +318,8 @@ def profile(
     grads = [p.numel() * p.element_size() for p in params if p.requires_grad]
     gradients = max(grads, default=0) if layerwise else sum(grads)
     return MemoryProfile(
-        model=model, optimizer=optimizer, mode=mode, num_params=sb.num_params,
+        model=model_name(model) or str(model), optimizer=optimizer, mode=mode,
+        num_params=sb.num_params,
         weights=weights, gradients=gradients, moments=sb.moments, projectors=sb.projectors,
         indices=sb.indices, other_state=sb.other,
         activations=activation_bytes(config, seq_len, batch_size, precision, checkpointing),
@@ -336,29 +349,91 @@ def _measured_device(device: str | None) -> str:
     return str(dev)
 
 
-def plot(profiles: list[MemoryProfile], path: str) -> None:
-    """Stacked bar chart (weights / gradients / states / activations) in GiB."""
-    try:
-        import matplotlib
+def gpu_capacities() -> dict[float, str]:
+    """``{GiB: label}`` of the cards in :data:`GPUS`, cards of one size on one label
+    (``24: "24 GB: RTX 3090 / 4090, A10 / L4"``)."""
+    names: dict[float, list[str]] = {}
+    for name, gib in GPUS:
+        card = name.partition("(")[2].rstrip(")") or name
+        names.setdefault(gib, []).append(card)
+    return {gib: f"{gib:g} GB: {', '.join(cards)}" for gib, cards in sorted(names.items())}
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError as e:  # pragma: no cover - optional dependency
-        raise SystemExit("--png needs matplotlib: pip install matplotlib") from e
+
+def _title(profiles: list[MemoryProfile]) -> str:
+    """What the chart shows: models, mode and the settings (one value, or the values seen)."""
+    from lowrank_optim.registry import BASELINES
+
+    def values(key: str, among: list[MemoryProfile] = profiles) -> str:
+        return "/".join(dict.fromkeys(str(p.settings.get(key)) for p in among))
+
+    models = ", ".join(dict.fromkeys(p.model for p in profiles))
+    modes = "/".join(dict.fromkeys(p.mode for p in profiles))
+    lowrank = [p for p in profiles if p.optimizer.lower() not in BASELINES]  # rank applies
+    rank = f", rank {values('rank', lowrank)}" if lowrank else ""
+    return (f"Training memory by component: {models} ({modes})\n"
+            f"precision {values('precision')}, seq {values('seq_len')}, batch "
+            f"{values('batch_size')}{rank}, checkpointing {values('checkpointing')}, "
+            f"layerwise {values('layerwise')}")
+
+
+def figure(profiles: list[MemoryProfile]):
+    """The stacked bar chart of :func:`plot` as a ``matplotlib.figure.Figure``.
+
+    One bar per profile (weights, gradients, optimizer state, activations), in the unit that
+    fits the tallest bar; a title naming the models, the mode and the settings; a dashed line
+    for each GPU capacity of :data:`GPUS` up to 1.3 times the tallest bar, labelled with the
+    cards (the fit verdicts of :meth:`MemoryProfile.fits` keep :data:`OVERHEAD_BYTES` free
+    below that line).
+
+    Raises
+    ------
+    ValueError
+        ``profiles`` is empty.
+    ImportError
+        matplotlib is not installed.
+    """
+    from matplotlib.figure import Figure
+
+    if not profiles:
+        raise ValueError("profiles is empty: pass at least one MemoryProfile to plot")
     parts = ["weights", "gradients", "optimizer_state", "activations"]
-    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(profiles), 4))
+    tallest = max(p.weights + p.gradients + p.optimizer_state + p.activations
+                  for p in profiles)
+    unit, scale = byte_unit(tallest)
+    fig = Figure(figsize=(4.0 + 1.4 * len(profiles), 4.6))
+    ax = fig.subplots()
     bottom = [0.0] * len(profiles)
     labels = [f"{p.model}\n{p.optimizer}" for p in profiles]
     for part in parts:
-        vals = [getattr(p, part) / GIB for p in profiles]
+        vals = [getattr(p, part) / scale for p in profiles]
         ax.bar(labels, vals, bottom=bottom, label=part.replace("_", " "))
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    for gib in sorted({g for _, g in GPUS if g <= max(bottom) * 1.3}):
-        ax.axhline(gib, color="grey", lw=0.6, ls="--")
-    ax.set_ylabel("GiB")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    shown = {gib: label for gib, label in gpu_capacities().items()
+             if gib * GIB <= tallest * 1.3}
+    for gib, label in shown.items():
+        ax.axhline(gib * GIB / scale, color="grey", lw=0.8, ls="--")
+        ax.text(1.01, gib * GIB / scale, label, transform=ax.get_yaxis_transform(),
+                ha="left", va="center", fontsize=7, color="dimgrey")
+    note = f"dashed: GPU memory (a fit keeps {format_bytes(OVERHEAD_BYTES)} free)"
+    above = [g for g in gpu_capacities() if g not in shown]
+    if above:
+        note += f"; cards of {min(above):g} GB and more are above this scale"
+    ax.text(0.0, 1.01, note, transform=ax.transAxes, fontsize=7, color="dimgrey",
+            va="bottom")
+    ax.set_title(_title(profiles), fontsize=9, pad=14)
+    ax.set_ylabel(unit)
+    ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.14), ncol=len(parts),
+              frameon=False)
+    return fig
+
+
+def plot(profiles: list[MemoryProfile], path: str) -> None:
+    """Write :func:`figure` (stacked bars by component, GPU capacities labelled) to ``path``."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:  # pragma: no cover - optional dependency
+        raise SystemExit("--png needs matplotlib: pip install matplotlib") from e
+    figure(profiles).savefig(path, dpi=120, bbox_inches="tight")
 
 
 def _parse_opt_args(items: list[str]) -> dict[str, Any]:
@@ -410,25 +485,61 @@ def _message(error: Exception) -> str:
     return " ".join(text.split()) or type(error).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m lowrank_optim.profile",
-                                 description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="7b", help=f"{sorted(LLAMA_SHAPES)} or a config.json")
-    ap.add_argument("--optimizer", nargs="+", default=["adamw", "galore_adamw"])
-    ap.add_argument("--rank", type=int, default=128)
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The description as written, and ``(default: ...)`` after every option that has one
+    (``None`` and ``False`` defaults say nothing, and neither do helps that name theirs)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS or not action.option_strings
+                or "default" in text):
+            return text
+        return f"{text} (default: %(default)s)"
+
+
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line of ``python -m lowrank_optim.profile`` (``--help`` lists the model and
+    optimizer names and every default)."""
+    from lowrank_optim.registry import available
+
+    ap = argparse.ArgumentParser(prog="python -m lowrank_optim.profile", description=__doc__,
+                                 formatter_class=_HelpFormatter)
+    ap.add_argument("--model", default="7b",
+                    help=f"a LLaMA size: {model_names_help()}; or a path to a Hugging Face "
+                    "config.json (or its directory)")
+    ap.add_argument("--optimizer", nargs="+", default=["adamw", "galore_adamw"],
+                    metavar="NAME", help="one or more of: " + ", ".join(available())
+                    + " (default: adamw galore_adamw)")
+    ap.add_argument("--rank", type=int, default=128,
+                    help="projection rank of the low-rank optimizers (SST: sampled vectors)")
     ap.add_argument("--opt-arg", action="append", default=[], metavar="KEY=VALUE",
-                    help="extra optimizer argument, e.g. bits=8 or update_proj_gap=200")
-    ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--batch-size", type=int, default=1)
-    ap.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
-    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing")
-    ap.add_argument("--layerwise", action="store_true", help="per-layer updates (one grad live)")
-    ap.add_argument("--mode", choices=["analytic", "measured"], default="analytic")
-    ap.add_argument("--device", default=None)
+                    help="extra optimizer argument, repeatable, e.g. bits=8 or "
+                    "update_proj_gap=200 (default: none)")
+    ap.add_argument("--seq-len", type=int, default=256, help="tokens per sequence")
+    ap.add_argument("--batch-size", type=int, default=1, help="sequences per step")
+    ap.add_argument("--precision", choices=sorted(DTYPES), default="bf16",
+                    help="dtype of weights, gradients and activations")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="activation checkpointing (default: off)")
+    ap.add_argument("--layerwise", action="store_true",
+                    help="per-layer updates during backward, one gradient live (default: off)")
+    ap.add_argument("--mode", choices=["analytic", "measured"], default="analytic",
+                    help="analytic: the real optimizer stepped on meta tensors (exact state "
+                    "bytes, no memory used); measured: real steps on --device")
+    ap.add_argument("--device", default=None,
+                    help="measured mode's device (default: cuda when available, else cpu)")
     ap.add_argument("--steps", type=int, default=None,
-                    help="training steps in measured mode (default 2)")
-    ap.add_argument("--json", help="write the profiles as JSON here")
-    ap.add_argument("--png", help="write a stacked bar chart here")
+                    help="training steps in measured mode (default: 2)")
+    ap.add_argument("--json", help="write the profiles as JSON (bytes) to this file")
+    ap.add_argument("--png", help="write a stacked bar chart to this image file")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The command line: profile every ``--optimizer``, print the tables, write the files;
+    returns 0 (a bad input exits with status 2 and one ``error:`` line)."""
+    ap = argument_parser()
     args = ap.parse_args(argv)
     if args.mode == "analytic" and args.steps is not None:
         ap.error("--steps applies to --mode measured only (analytic mode takes one step on "

@@ -5,6 +5,11 @@ A checkpoint ``checkpoints/step_<n>`` holds accelerate's files (model as safeten
 optimizer) and, written by the recipe as JSON, the learning-rate scheduler, every process's
 random generators, the settings and the data position (``train_state.json``, written last: it
 marks the checkpoint complete).  Nothing of what the recipe saves itself is unpickled.
+
+Where a run writes: ``output_dir`` when it is set (exactly that directory), else a directory of
+its own, ``<runs_dir>/<optimizer>-<YYYYmmdd-HHMMSS>`` (:func:`new_run_directory`), so that runs
+of the same config never share one; ``--resume-from latest`` then continues the newest such run
+of the optimizer that holds a complete checkpoint (:func:`choose_output_dir`).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import random
 import re
 import shutil
 import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -51,7 +57,8 @@ ACCELERATE_PICKLES = re.compile(r"(custom_checkpoint|random_states)_\d+\.pkl")
 RESUME_FREE_SETTINGS = frozenset({
     "optimizer_overrides",  # already merged into the fields it overrides
     "refresh_sync", "cache_dir", "hf_val_split", "eval_every", "eval_samples", "log_every",
-    "report_to", "project", "run_name", "output_dir", "save_every", "keep_checkpoints",
+    "report_to", "project", "run_name", "output_dir", "runs_dir", "save_every",
+    "keep_checkpoints",
     "resume_from", "allow_config_change", "allow_inexact_resume", "stop_after",
     "save_final_model", "check_sync_every", "progress",
     "mixed_precision",  # compared as resolved by the accelerator (below)
@@ -530,6 +537,105 @@ def _finish_deletions(output_dir: str | os.PathLike) -> None:
     """Delete what :func:`_discard` renamed but was killed before deleting."""
     for trash in (Path(output_dir) / "checkpoints").glob(".deleting-step_*"):
         shutil.rmtree(trash, ignore_errors=True)
+
+
+# -- the run's directory ----------------------------------------------------------------------
+#: the time stamp in the names of run directories (local time, sorts as it reads)
+RUN_STAMP = "%Y%m%d-%H%M%S"
+
+
+def new_run_directory(parent: str | os.PathLike, prefix: str = "",
+                      now: float | None = None) -> Path:
+    """Create and return a directory of its own under ``parent``: ``<prefix>-<stamp>``
+    (``<stamp>`` alone without a prefix), ``RUN_STAMP`` of ``now`` (default: the current
+    time), with ``-2``, ``-3``, ... appended when runs start in the same second.
+
+    The directory is claimed by creating it (``mkdir`` fails for an existing one), so two runs
+    started at once on a shared file system never get the same one.
+
+    Parameters
+    ----------
+    parent
+        Where run directories go (created if missing), e.g. ``runs/tiny``.
+    prefix
+        The first part of the name, e.g. the optimizer's name.
+    now
+        Seconds since the epoch (tests); default ``time.time()``.
+    """
+    stamp = time.strftime(RUN_STAMP, time.localtime(time.time() if now is None else now))
+    base = f"{prefix}-{stamp}" if prefix else stamp
+    Path(parent).mkdir(parents=True, exist_ok=True)
+    for n in range(1, 10_000):
+        path = Path(parent) / (base if n == 1 else f"{base}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise RecipeError(f"runs_dir={str(parent)!r}: no free run directory named {base}-<n>; "
+                      "set --output-dir or clean up the directory")
+
+
+def run_directories(parent: str | os.PathLike, prefix: str = "") -> list[Path]:
+    """The directories :func:`new_run_directory` made under ``parent`` for ``prefix``, oldest
+    first (by their time stamp, then their ``-<n>`` suffix)."""
+    pattern = re.compile((re.escape(prefix) + "-" if prefix else "")
+                         + r"(\d{8}-\d{6})(?:-(\d+))?")
+    found = []
+    for path in Path(parent).glob(f"{prefix}-*" if prefix else "*"):
+        match = pattern.fullmatch(path.name)
+        if match and path.is_dir():
+            found.append(((match[1], int(match[2] or 1)), path))
+    return [path for _, path in sorted(found)]
+
+
+def choose_output_dir(cfg: RecipeConfig, verbose: bool = True) -> tuple[Path, str]:
+    """The directory this run writes to, and why (for the console).
+
+    * ``output_dir`` set: that directory, as given.
+    * ``resume_from`` a checkpoint ``<run>/checkpoints/step_<n>``: that run's directory, which
+      the resumed run continues.
+    * ``resume_from: latest``: the newest run directory of this optimizer under ``runs_dir``
+      (see :func:`run_directories`) that holds a complete checkpoint; newer runs whose
+      checkpoints are all incomplete are skipped with a warning (when ``verbose``), as
+      ``latest`` skips incomplete checkpoints within a run.  With none, a new run.
+    * Otherwise a new directory, ``<runs_dir>/<optimizer>-<stamp>`` (created here: call this
+      on one process and hand the result to the others).
+
+    Raises
+    ------
+    RecipeError
+        No run directory could be created under ``runs_dir``.
+    """
+    if cfg.output_dir:
+        return Path(cfg.output_dir), "as given by output_dir"
+    name = normal_name(cfg.optimizer)
+    if cfg.resume_from not in (None, "", "latest"):
+        resume = Path(cfg.resume_from)
+        if resume.parent.name == "checkpoints":
+            return resume.parent.parent, f"the run of resume_from={cfg.resume_from!r}"
+    if cfg.resume_from == "latest":
+        for run in reversed(run_directories(cfg.runs_dir, name)):
+            steps = _step_directories(run)
+            if any(checkpoint_problem(p) is None for p in steps):
+                return run, "the newest run with a complete checkpoint (resume_from=latest)"
+            if steps and verbose:
+                warnings.warn(f"resume_from=latest: skipping run {run}: none of its "
+                              f"checkpoints is complete ({checkpoint_problem(steps[-1])})",
+                              RuntimeWarning, stacklevel=2)
+        if verbose:
+            old = checkpoints(cfg.runs_dir)  # written before runs had directories of their own
+            hint = (f"; {old[-1]} was written by a run without a directory of its own: pass "
+                    f"--output-dir {cfg.runs_dir} to resume it" if old else "")
+            print(f"[pretrain] resume_from=latest: no complete checkpoint in "
+                  f"{Path(cfg.runs_dir) / (name + '-*')}: starting a new run{hint}",
+                  file=sys.stderr, flush=True)
+    try:
+        return new_run_directory(cfg.runs_dir, name), f"a new run under runs_dir={cfg.runs_dir}"
+    except OSError as e:
+        raise RecipeError(f"runs_dir={cfg.runs_dir!r}: cannot create a run directory there "
+                          f"({e.strerror or e}); set --runs-dir or --output-dir to a writable "
+                          "place") from None
 
 
 # -- choosing the checkpoint to resume --------------------------------------------------------

@@ -12,6 +12,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import glob
+import importlib.util
 import json
 import math
 import os
@@ -21,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import lowrank_optim as lo
-from lowrank_optim.model_configs import LLAMA_SHAPES
+from lowrank_optim.model_configs import model_name, model_names_help
 
 #: optimizer names the recipe adds to ``lowrank_optim.available()``
 RECIPE_BASELINES = ("lora",)
@@ -37,7 +39,7 @@ class RecipeConfig:
     """Every setting of the recipe (YAML keys and ``--flag-name`` flags are these names)."""
 
     # model
-    model: str = "tiny"  # one of lowrank_optim.model_configs.LLAMA_SHAPES
+    model: str = "tiny"  # one of lowrank_optim.model_configs.LLAMA_SHAPES (or llama_7b, ...)
     model_overrides: dict = field(default_factory=dict)  # LlamaConfig fields, e.g. layers
     # optimizer
     optimizer: str = "galore_adamw"  # lowrank_optim.available() or "lora"
@@ -58,7 +60,7 @@ class RecipeConfig:
     optimizer_overrides: dict = field(default_factory=dict)  # {name: {field: value}}
     # data
     data: list = field(default_factory=list)  # local text files (globs); empty: stdlib docs
-    hf_dataset: str | None = None  # e.g. allenai/c4 (needs `datasets`, online)
+    hf_dataset: str | None = None  # e.g. allenai/c4 (needs `datasets`: the `data` extra; online)
     hf_config: str | None = None
     hf_split: str = "train"
     hf_val_split: str = "validation"
@@ -87,10 +89,13 @@ class RecipeConfig:
     report_to: list = field(default_factory=lambda: ["console"])  # + tensorboard, wandb, all
     project: str = "lowrank-optim"
     run_name: str | None = None
-    output_dir: str = "runs/pretrain"
+    #: None: a directory of the run's own, <runs_dir>/<optimizer>-<YYYYmmdd-HHMMSS>; set: exactly
+    #: that directory (a run there replaces what a previous run wrote)
+    output_dir: str | None = None
+    runs_dir: str = "runs"  # where runs without an output_dir get their directories
     save_every: int = 0  # 0: no periodic checkpoint
     keep_checkpoints: int = 2
-    resume_from: str | None = None  # a checkpoint directory, or "latest" in output_dir
+    resume_from: str | None = None  # a checkpoint directory, or "latest" (the newest run's)
     allow_config_change: bool = False  # resume although structural settings differ (logged)
     allow_inexact_resume: bool = False  # resume although RNG states are missing/unreadable
     stop_after: int | None = None  # stop (with a checkpoint) after this step: an interruption
@@ -279,6 +284,7 @@ def make_config(file_settings: dict[str, Any], cli_settings: dict[str, Any]) -> 
     settings = {**file_settings, **per_optimizer, **cli_settings}
     cfg = RecipeConfig(**{k: coerce(k, v) for k, v in settings.items()})
     validate_config(cfg)
+    cfg.model = model_name(cfg.model)  # one spelling: "llama_7b" and "7B" train "7b"
     return cfg
 
 
@@ -343,8 +349,8 @@ def _check_names(cfg: RecipeConfig) -> None:
     names = optimizer_names()
     if normal_name(cfg.optimizer) not in names:
         raise bad_setting("optimizer", cfg.optimizer, f"choose one of {names}")
-    if cfg.model not in LLAMA_SHAPES:
-        raise bad_setting("model", cfg.model, f"choose one of {sorted(LLAMA_SHAPES)}")
+    if model_name(cfg.model) is None:
+        raise bad_setting("model", cfg.model, f"choose one of {model_names_help()}")
 
 
 def _check_projection(cfg: RecipeConfig) -> None:
@@ -405,21 +411,106 @@ def _check_outputs(cfg: RecipeConfig) -> None:
     if cfg.hf_dataset and cfg.data:
         raise bad_setting("data", cfg.data, f"hf_dataset={cfg.hf_dataset!r} is set too; choose "
                           "one source (--data or --hf-dataset)")
-    for key in ("output_dir", "cache_dir", "tokenizer"):
+    for key in ("cache_dir", "tokenizer", "runs_dir"):
         if not getattr(cfg, key):
             raise bad_setting(key, getattr(cfg, key), "cannot be empty")
+    if cfg.output_dir is not None and not cfg.output_dir:
+        raise bad_setting("output_dir", cfg.output_dir, "cannot be empty (leave it unset for a "
+                          "new directory under runs_dir)")
+
+
+def _installed(*modules: str) -> bool:
+    """Whether one of ``modules`` can be imported (looked up, not imported: no cost)."""
+    return any(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _needs(package: str, extra: str | None = None) -> str:
+    install = f"pip install {package}"
+    if extra:
+        install += f" (or, in the repository, pip install -e '.[{extra}]')"
+    return f"needs the `{package}` package, which this Python does not have: {install}"
+
+
+def _package_problems(cfg: RecipeConfig) -> list[RecipeError]:
+    """Optional packages that the settings ask for and that are not installed."""
+    problems = []
+    if cfg.hf_dataset and not _installed("datasets"):
+        problems.append(bad_setting("hf_dataset", cfg.hf_dataset, _needs("datasets", "data")))
+    trackers = set(cfg.report_to)
+    every = "all" in trackers
+    for tracker, modules, extra in (("tensorboard", ("tensorboard", "tensorboardX"), "wandb"),
+                                    ("wandb", ("wandb",), "wandb")):
+        if (every or tracker in trackers) and not _installed(*modules):
+            fix = _needs(tracker, extra)
+            if every:  # accelerate would silently log to the others only
+                fix = (f"'all' asks for tensorboard and wandb; {tracker} {fix}, or name the "
+                       "trackers to use, e.g. --report-to console tensorboard")
+            problems.append(bad_setting("report_to", cfg.report_to, fix))
+    if normal_name(cfg.optimizer) == "lora" and not _installed("peft"):
+        problems.append(bad_setting("optimizer", cfg.optimizer, "the LoRA baseline "
+                                    + _needs("peft", "hf")))
+    deepspeed_env = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in (
+        "true", "1", "yes")
+    if (cfg.deepspeed or deepspeed_env) and not _installed("deepspeed"):
+        if cfg.deepspeed:
+            problems.append(bad_setting("deepspeed", cfg.deepspeed, _needs("deepspeed",
+                                                                           "deepspeed")))
+        else:
+            problems.append(RecipeError("the accelerate config asks for DeepSpeed "
+                                        f"(ACCELERATE_USE_DEEPSPEED) but {_needs('deepspeed')}"))
+    return problems
+
+
+def _file_problems(cfg: RecipeConfig) -> list[RecipeError]:
+    """Files the settings name that are missing or unreadable."""
+    problems = []
+    if cfg.deepspeed:
+        try:
+            json.loads(Path(cfg.deepspeed).read_text(encoding="utf-8"))
+        except OSError as e:
+            problems.append(bad_setting("deepspeed", cfg.deepspeed, "cannot read this DeepSpeed "
+                                        f"JSON config ({e.strerror or e}); e.g. "
+                                        "recipes/accelerate/ds_zero0.json"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            problems.append(bad_setting("deepspeed", cfg.deepspeed, f"not a JSON file ({e})"))
+    unmatched = [p for p in cfg.data if not any(os.path.isfile(f)
+                                                 for f in glob.iglob(p, recursive=True))]
+    if unmatched:
+        problems.append(bad_setting("data", cfg.data, f"no file matches {unmatched} (globs "
+                                    "are relative to the current directory; quote them)"))
+    if cfg.tokenizer.endswith(".json") and not os.path.isfile(cfg.tokenizer):
+        problems.append(bad_setting("tokenizer", cfg.tokenizer, "no such tokenizer.json file"))
+    return problems
+
+
+def check_prerequisites(cfg: RecipeConfig) -> None:
+    """Raise :class:`RecipeError` when the settings need a package or a file that is not there.
+
+    Packages: ``datasets`` for ``hf_dataset``, ``tensorboard`` / ``wandb`` for the trackers
+    of ``report_to``, ``peft`` for the LoRA baseline, ``deepspeed`` for ``--deepspeed`` or an
+    accelerate DeepSpeed config.  Files: the ``deepspeed`` JSON config, the ``data`` globs, a
+    ``tokenizer.json``.  Checked when the settings are read, before any process group exists,
+    so a launched run (``accelerate launch``, ``torchrun``) stops in every process at once,
+    with no process waiting on another (:func:`recipes.pretrain.cli` prints the message once
+    per machine and exits with status 2).  Every problem is in the one message.
+    """
+    problems = _package_problems(cfg) + _file_problems(cfg)
+    if problems:
+        raise RecipeError("; ".join(str(p) for p in problems))
 
 
 def validate_config(cfg: RecipeConfig) -> None:
     """Raise :class:`RecipeError` on settings the recipe cannot run, or would silently ignore.
 
     Each message names the setting, its value, what is wrong and the flag that sets it.
+    Packages and files the settings need are checked last (:func:`check_prerequisites`).
     """
     _check_names(cfg)
     _check_counts(cfg)
     _check_numbers(cfg)
     _check_projection(cfg)
     _check_outputs(cfg)
+    check_prerequisites(cfg)
 
 
 # -- the command line -------------------------------------------------------------------------

@@ -34,6 +34,9 @@ WORKING_LAUNCHES = (
 #: accelerate: WORLD_SIZE / RANK; MPI launchers: the others), as accelerate reads them
 WORLD_SIZE_VARIABLES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK", "LOCAL_RANK")
+#: where launchers put this process's rank on its machine
+LOCAL_RANK_VARIABLES = ("LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_RANK", "MV2_COMM_WORLD_LOCAL_RANK",
+                        "MPI_LOCALRANKID")
 
 
 def _env_flag(name: str) -> bool:
@@ -44,6 +47,20 @@ def _launched(variables: tuple[str, ...]) -> tuple[str, int] | None:
     """``(name, value)`` of the first of ``variables`` set in the environment, or None."""
     name = next((v for v in variables if os.environ.get(v)), None)
     return None if name is None else (name, int(os.environ[name]))
+
+
+def local_rank() -> int | None:
+    """This process's rank on its machine as the launcher set it, or None (not launched)."""
+    launched = _launched(LOCAL_RANK_VARIABLES)
+    return None if launched is None else launched[1]
+
+
+def set_project_dir(accelerator: Any, path: str | os.PathLike) -> None:
+    """Point the accelerator's project and logging directories (where TensorBoard writes) at
+    ``path``: the run's directory, which the processes agree on after the accelerator exists
+    (:func:`recipes.pretrain.agree_output_dir`)."""
+    config = accelerator.project_configuration
+    config.project_dir = config.logging_dir = str(path)
 
 
 def _no_accelerator_device() -> bool:
@@ -123,7 +140,8 @@ def make_accelerator(cfg: RecipeConfig) -> Any:
     cpu = launched and _no_accelerator_device()
     accelerator = Accelerator(gradient_accumulation_steps=cfg.gradient_accumulation_steps,
                               mixed_precision=_mixed_precision(cfg), log_with=_trackers(cfg),
-                              project_dir=cfg.output_dir, cpu=cpu, deepspeed_plugin=plugin)
+                              project_dir=cfg.output_dir or cfg.runs_dir, cpu=cpu,
+                              deepspeed_plugin=plugin)
     _enable_fsdp2_on_cpu(accelerator)
     if wants_deepspeed:
         _enable_deepspeed_on_cpu(accelerator, plugin)

@@ -18,16 +18,23 @@ resume: :mod:`recipes.checkpoint`; crash-safe files: :mod:`recipes.files`.
 
 Data: the offline stdlib-documentation corpus (default), local text files (``--data
 'texts/*.txt'``) or a Hugging Face dataset (``--hf-dataset allenai/c4 --hf-config en
---streaming true --tokenizer t5-base``, online).  Outputs in ``output_dir``: ``metrics.jsonl``
-(one JSON line per log / eval), ``summary.json`` (final numbers), ``rank<i>.json`` (per-rank
-digests of parameters and subspaces, written last: a success marker), ``checkpoints/step_<n>``.
+--streaming true --tokenizer t5-base``, online).  Outputs in the run's directory (``output_dir``
+when set, else a new ``<runs_dir>/<optimizer>-<YYYYmmdd-HHMMSS>``, printed at the start):
+``metrics.jsonl`` (one JSON line per log / eval), ``summary.json`` (final numbers),
+``rank<i>.json`` (per-rank digests of parameters and subspaces, written last: a success
+marker), ``checkpoints/step_<n>``.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import json
 import math
+import os
 import sys
+import textwrap
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -46,6 +53,7 @@ from recipes.checkpoint import (
     ResumeParts,
     TrainState,
     check_resume_settings,
+    choose_output_dir,
     prune,
     restore_parts,
     resume_directory,
@@ -58,16 +66,24 @@ from recipes.config import (
     RecipeError,
     bad_setting,
     flat_config,
+    normal_name,
     optimizer_names,
     parse_args,
 )
 from recipes.files import append_line, atomic_write, remove_stale_temporaries
-from recipes.launch import engine_name, make_accelerator, zero_stage
+from recipes.launch import (
+    engine_name,
+    local_rank,
+    make_accelerator,
+    set_project_dir,
+    zero_stage,
+)
 
-__all__ = ["Data", "Metrics", "build_model", "build_optimizer", "build_refresh_scheduler",
-           "build_scheduler", "cli",
+__all__ = ["Data", "Metrics", "agree_output_dir", "build_model", "build_optimizer",
+           "build_refresh_scheduler", "build_scheduler", "cli",
            "evaluate", "format_table", "load_data", "main", "optimizer_names", "parse_args",
-           "perplexity", "state_bytes", "summary_line", "train", "wrap_lora"]
+           "parse_command_line", "perplexity", "state_bytes", "summary_line", "table_notes",
+           "train", "wrap_lora"]
 
 
 # -- building blocks ----------------------------------------------------------------------------
@@ -353,12 +369,46 @@ def build_refresh_scheduler(cfg: RecipeConfig, optimizer: Any,
     return RefreshScheduler(optimizer, schedule)
 
 
+def agree_output_dir(cfg: RecipeConfig, accelerator: Any) -> RecipeConfig:
+    """``cfg`` with ``output_dir`` set to the run's directory, the same on every process.
+
+    The main process chooses it (:func:`recipes.checkpoint.choose_output_dir`: ``output_dir``
+    as given, the resumed run's directory, or a new ``<runs_dir>/<optimizer>-<stamp>``, which
+    it creates) and says where on the console; the others receive it, so no two processes can
+    pick different time stamps.  accelerate's project and logging directories (TensorBoard)
+    follow.
+
+    Raises
+    ------
+    RecipeError
+        On every process, when the main process could not create the directory.
+    """
+    from accelerate.utils import broadcast_object_list
+
+    choice: list[Any] = [None, None]
+    if accelerator.is_main_process:
+        try:
+            path, why = choose_output_dir(cfg)
+            choice[0] = str(path)
+            print(f"[pretrain] output_dir: {path} ({why})", flush=True)
+        except RecipeError as e:
+            choice[1] = str(e)
+    if accelerator.num_processes > 1:
+        broadcast_object_list(choice)
+    if choice[1] is not None:
+        raise RecipeError(choice[1])
+    set_project_dir(accelerator, choice[0])
+    return dataclasses.replace(cfg, output_dir=choice[0])
+
+
 def _setup(cfg: RecipeConfig) -> Run:
-    """The accelerator, the resume checks, the prepared model and optimizer, the trackers."""
+    """The accelerator, the run's directory, the resume checks, the prepared model and
+    optimizer, the trackers."""
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(cfg)
     set_seed(cfg.seed)
+    cfg = agree_output_dir(cfg, accelerator)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
     resume, parts, config_changes = _check_resume(cfg, accelerator)
     data, model, optimizer, scheduler = _build(cfg, accelerator)
@@ -511,10 +561,12 @@ def _summary(run: Run, finished: bool) -> dict[str, Any]:
         "val_loss": run.val_loss,
         "val_ppl": perplexity(run.val_loss) if run.val_loss is not None else None,
         "state_bytes": sb.total, "state_bytes_per_param": sb.bytes_per_param,
+        "trained_params": sb.num_params,
         "tokens_per_s": run.tokens_this_run / max(run.train_seconds, 1e-9),
         "train_steps_this_run": state.step - run.start_step, "data": run.data.description,
         "resumed_from": None if run.resume is None else str(run.resume),
         "config_changes": run.config_changes, "inexact_resume": run.inexact,
+        "output_dir": str(cfg.output_dir),
     }
 
 
@@ -529,7 +581,10 @@ def _finish(run: Run) -> dict[str, Any]:
         accelerator.save_model(run.model, str(Path(cfg.output_dir) / "final"))
     if accelerator.is_main_process:
         atomic_write(Path(cfg.output_dir) / "summary.json", json.dumps(summary, indent=1))
-        print(f"[pretrain] {summary_line(summary)}", flush=True)
+        for line in format_table([summary], notes=False).splitlines():
+            print(f"[pretrain] {line}", flush=True)
+        print(f"[pretrain] wrote {Path(cfg.output_dir) / 'summary.json'} and metrics.jsonl",
+              flush=True)
     per_rank = {
         "rank": accelerator.process_index, "step": run.state.step,
         "last_loss": run.last_loss, "val_loss": run.val_loss,
@@ -544,8 +599,11 @@ def _finish(run: Run) -> dict[str, Any]:
 
 
 def train(cfg: RecipeConfig) -> dict[str, Any]:
-    """Run the recipe; returns the summary (also written to ``summary.json``)."""
+    """Run the recipe; returns the summary (also written to ``summary.json`` in the run's
+    directory, ``cfg.output_dir`` or a new one under ``cfg.runs_dir``: the summary's
+    ``output_dir``)."""
     run = _setup(cfg)
+    cfg = run.cfg  # with the run's output_dir
     if run.resume is not None:
         _restore(run)
     _open_outputs(run)
@@ -562,22 +620,73 @@ def train(cfg: RecipeConfig) -> dict[str, Any]:
 
 
 # -- the final table and the command line -------------------------------------------------------
-TABLE_COLUMNS = ("optimizer", "val loss", "val ppl", "state bytes", "B/param", "tokens/s")
+TABLE_COLUMNS = ("optimizer", "val loss", "val ppl", "state bytes", "trained params",
+                 "B/trained param", "tokens/s")
+#: column widths of :data:`TABLE_COLUMNS` (the first is left-aligned)
+TABLE_WIDTHS = (18, 9, 10, 13, 16, 17, 10)
+#: what the per-parameter column divides by, and why SST's bytes move: :func:`format_table`
+TABLE_NOTES = {
+    "all": ("B/trained param = state bytes / trained params, the parameter elements the "
+            "optimizer updates: the whole model for adamw and the projected optimizers"),
+    "lora": ("lora: its adapters plus the embeddings, norms and head; the frozen base weights "
+             "are left out, so its count is smaller than the model's"),
+    "sst": ("sst_*: the converted model (U, S and V of each converted layer in place of its "
+            "weight, plus the rest), more elements than the dense model.  State bytes are "
+            "counted after the last step: each redraw of the sampled vectors (every "
+            "iteration_length steps, 200 by default) drops their moments and the next step "
+            "re-creates them, so a count at a redraw step (metrics.jsonl's state_bytes at an "
+            "evaluation) is lower; a re-SVD (every round) drops S's moments too"),
+}
+
+
+def _trained_params(s: dict[str, Any]) -> int | None:
+    """``trained_params`` of a summary (derived for summaries written before it was kept)."""
+    if s.get("trained_params") is not None:
+        return int(s["trained_params"])
+    per = s.get("state_bytes_per_param")
+    return round(s["state_bytes"] / per) if per else None
 
 
 def summary_line(s: dict[str, Any]) -> str:
-    """One row of the final table."""
+    """One row of the final table (columns :data:`TABLE_COLUMNS`)."""
     val = "-" if s["val_loss"] is None else f"{s['val_loss']:.4f}"
     ppl = "-" if s["val_ppl"] is None else f"{s['val_ppl']:.2f}"
-    return (f"{s['optimizer']:<18}{val:>9}{ppl:>10}{s['state_bytes']:>13,}"
-            f"{s['state_bytes_per_param']:>9.2f}{s['tokens_per_s']:>10,.0f}")
+    params = _trained_params(s)
+    cells = (f"{s['state_bytes']:,}", "-" if params is None else f"{params:,}",
+             f"{s['state_bytes_per_param']:.2f}", f"{s['tokens_per_s']:,.0f}")
+    w = TABLE_WIDTHS
+    return (f"{s['optimizer']:<{w[0]}}{val:>{w[1]}}{ppl:>{w[2]}}"
+            + "".join(f"{c:>{width}}" for c, width in zip(cells, w[3:], strict=True)))
 
 
-def format_table(summaries: list[dict[str, Any]]) -> str:
-    """The final table: optimizer, validation loss / perplexity, state bytes, tokens/s."""
-    head = (f"{TABLE_COLUMNS[0]:<18}{TABLE_COLUMNS[1]:>9}{TABLE_COLUMNS[2]:>10}"
-            f"{TABLE_COLUMNS[3]:>13}{TABLE_COLUMNS[4]:>9}{TABLE_COLUMNS[5]:>10}")
-    return "\n".join([head, "-" * len(head), *map(summary_line, summaries)])
+def table_notes(summaries: list[dict[str, Any]], width: int = sum(TABLE_WIDTHS)) -> list[str]:
+    """The notes under the table, wrapped to ``width``: the denominator of the per-parameter
+    column, and the rows whose count differs (LoRA, SST) when the table has them."""
+    names = [normal_name(s["optimizer"]) for s in summaries]
+    keys = ["all", *(["lora"] if "lora" in names else []),
+            *(["sst"] if any(n.startswith("sst_") for n in names) else [])]
+    return [line for k in keys for line in textwrap.wrap(
+        TABLE_NOTES[k] + ".", width, initial_indent="* ", subsequent_indent="  ")]
+
+
+def format_table(summaries: list[dict[str, Any]], notes: bool = True) -> str:
+    """The final table: optimizer, validation loss / perplexity, state bytes, the parameters
+    they are divided by, bytes per parameter, tokens/s.
+
+    Parameters
+    ----------
+    summaries
+        ``summary.json`` contents, one row each.
+    notes
+        Add :func:`table_notes` under the rows.
+    """
+    w = TABLE_WIDTHS
+    head = f"{TABLE_COLUMNS[0]:<{w[0]}}" + "".join(
+        f"{c:>{width}}" for c, width in zip(TABLE_COLUMNS[1:], w[1:], strict=True))
+    lines = [head, "-" * len(head), *map(summary_line, summaries)]
+    if notes:
+        lines += ["", *table_notes(summaries)]
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -585,11 +694,65 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return train(parse_args(argv))
 
 
+def _tell_launcher(message: str) -> None:
+    """Write ``message`` where torchrun / ``accelerate launch`` look for a failed process's
+    error (``TORCHELASTIC_ERROR_FILE``), so that their failure report quotes it instead of
+    pointing at a traceback that was never printed."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    record = {"message": {"message": message, "extraInfo": {
+        "py_callstack": message, "timestamp": str(int(time.time()))}}}
+    with contextlib.suppress(OSError):
+        Path(path).write_text(json.dumps(record), encoding="utf-8")
+
+
+def parse_command_line(argv: list[str] | None = None) -> RecipeConfig | int:
+    """:func:`parse_args` for the command line: the settings, or the exit status 2 after one
+    error message.
+
+    Launched processes (``accelerate launch``, ``torchrun``, ``deepspeed``) each parse the same
+    command line before any process group exists, so a bad setting or a missing package
+    (:func:`recipes.config.check_prerequisites`) stops all of them at once, none waiting for
+    another.  Only local rank 0 prints the message (and argparse's usage); the other processes
+    exit with the same status silently.  Every process hands the message to an elastic
+    launcher's failure report (:func:`_tell_launcher`).
+    """
+    prog = Path(sys.argv[0]).name
+    quiet = local_rank() not in (None, 0)
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):
+            return parse_args(argv)
+    except RecipeError as e:
+        message = f"{prog}: error: {e}"
+        print(message, file=captured)
+    except SystemExit as e:  # argparse: usage and message are in `captured`
+        if not e.code:  # --help
+            raise
+        lines = captured.getvalue().strip().splitlines()
+        message = lines[-1] if lines else f"{prog}: error: bad command line"
+    finally:
+        if not quiet:  # warnings, or the error, as they would have been printed
+            sys.stderr.write(captured.getvalue())
+            sys.stderr.flush()
+    _tell_launcher(message)
+    return 2
+
+
 def cli(argv: list[str] | None = None) -> int:
     """The command line: :func:`main`, with a :class:`RecipeError` (a bad setting or
-    checkpoint) printed as ``pretrain.py: error: ...`` and exit status 2, as argparse does."""
+    checkpoint) printed as ``pretrain.py: error: ...`` and exit status 2, as argparse does.
+
+    Errors in the settings, and packages or files they need that are missing, are found before
+    any process starts working (:func:`parse_command_line`: one message per machine in a
+    launched run); errors found later (a checkpoint a resume refuses) are printed by every
+    process that meets them."""
+    cfg = parse_command_line(argv)
+    if isinstance(cfg, int):
+        return cfg
     try:
-        main(argv)
+        train(cfg)
     except RecipeError as e:
         print(f"{Path(sys.argv[0]).name}: error: {e}", file=sys.stderr, flush=True)
         if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -11,8 +11,6 @@ import os
 import pytest
 import torch
 
-from tests.helpers import tiny_llama
-
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # one BLAS thread per xdist worker: the workers already fill the cores, and oversubscribed
@@ -29,11 +27,6 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def llama():
-    return tiny_llama
 
 
 #: how many tests of each run-of-its-own marker this run deselected (xdist workers report)

@@ -33,7 +33,7 @@ def _gpt2_config(tmp_path: Path) -> str:
 
 API_CASES: list[tuple[str, dict[str, Any], type, str]] = [
     ("model-type", dict(model=7), TypeError, r"model must be a size name.*got int 7"),
-    ("model-typo", dict(model="7B"), ValueError, r"unknown model '7B' \(did you mean '7b'\?\)"),
+    ("model-typo", dict(model="7bb"), ValueError, r"unknown model '7bb' \(did you mean '7b'\?\)"),
     ("optimizer-typo", dict(optimizer="galore_adamx"), ValueError,
      r"Unknown optimizer name='galore_adamx' \(did you mean 'galore_adamw'"),
     ("optimizer-type", dict(optimizer=None), TypeError, r"optimizer must be a name"),
@@ -90,7 +90,7 @@ CLI_CASES: list[tuple[str, list[str], str]] = [
     ("png-format", ["--png", "{tmp}/chart.xyz"],
      r"--png '.*chart.xyz': the file name must end in an image format"),
     ("png-no-dir", ["--png", "{tmp}/nope/chart.png"], r"--png .* does not exist"),
-    ("model-typo", ["--model", "60M"], r"unknown model '60M' \(did you mean '60m'\?\)"),
+    ("model-typo", ["--model", "60mm"], r"unknown model '60mm' \(did you mean '60m'\?\)"),
     ("optimizer-typo-second", ["--optimizer", "adamw", "dct_adamx"],
      r"Unknown optimizer name='dct_adamx' \(did you mean 'dct_adamw'"),
     ("opt-arg-twice", ["--opt-arg", "bits=8", "--opt-arg", "bits=32"],

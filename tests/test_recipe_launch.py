@@ -186,7 +186,8 @@ def test_demo_launches_the_recipe_per_optimizer_and_prints_the_table(tmp_path, c
     table = (out / "table.txt").read_text()
     assert table.splitlines()[0].split()[:3] == ["optimizer", "val", "loss"]
     assert table in capsys.readouterr().out
-    rows = {line.split()[0]: line.split()[1:] for line in table.splitlines()[2:]}
+    rows = {line.split()[0]: line.split()[1:]  # the rows: between the header and the notes
+            for line in table.split("\n\n")[0].splitlines()[2:]}
     assert set(rows) == {"adamw", "galore_adamw"}
     # GaLore's projected moments are smaller than AdamW's full ones
     assert int(rows["galore_adamw"][2].replace(",", "")) < int(rows["adamw"][2].replace(",", ""))
