@@ -231,8 +231,10 @@ def activation_bytes(config, seq_len: int, batch_size: int, precision: str,
     Per layer and token, in the compute dtype: the two norm inputs, q/k/v, the attention output
     (h each: 6h), the MLP's gate, up and activated product (3i) plus the SDPA statistics
     (2 heads-worth of fp32, negligible); with checkpointing only each layer's input (h) is kept
-    plus one layer's full set during recomputation.  Logits: the compute-dtype logits and the
-    fp32 upcast used by the loss and its gradient (2 x 4 bytes per vocab entry).
+    plus one layer's full set during recomputation.  Logits: the compute-dtype logits, the
+    fp32 upcast the loss makes of half-precision ones (none in fp32, where ``.float()`` returns
+    the same tensor) and the fp32 gradient of the loss input: 10 bytes per token and vocabulary
+    entry in bf16, 8 in fp32 (both equal to the CPU allocator's peak, tests).
     """
     h, i = config.hidden_size, config.intermediate_size
     layers, vocab = config.num_hidden_layers, config.vocab_size
@@ -240,7 +242,8 @@ def activation_bytes(config, seq_len: int, batch_size: int, precision: str,
     tokens = seq_len * batch_size
     per_layer = tokens * (6 * h + 3 * i) * el
     kept = (tokens * h * el * layers + per_layer) if checkpointing else per_layer * layers
-    logits = tokens * vocab * (el + 8)
+    upcast = 4 if el < 4 else 0
+    logits = tokens * vocab * (el + upcast + 4)
     return kept + logits
 
 

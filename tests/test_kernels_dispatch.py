@@ -138,6 +138,36 @@ def test_reference_adam_is_bit_identical_to_the_eager_formula(formula):
     assert torch.equal(m, m_ref) and torch.equal(v, v_ref) and torch.equal(n, n_ref)
 
 
+@pytest.mark.parametrize("formula", ["galore", "torch"])
+def test_reference_adam_direction_is_the_step_of_independent_optimizers(formula):
+    """The same direction from optimizers written elsewhere: one step of torch.optim.AdamW
+    (``formula="torch"``) or galore-torch's AdamW (``"galore"``) from the same moments at step
+    t, read back from the parameter change (no decay: ``change = -step_size * N``)."""
+    import galore_torch
+
+    grad, m, v = _rand(7, 5), _rand(7, 5, seed=1), _rand(7, 5, seed=2).square()
+    lr, beta1, beta2, eps, t = 1e-2, 0.9, 0.999, 1e-6, 3
+    bias1, bias2 = 1.0 - beta1**t, 1.0 - beta2**t
+    n = kernels.adam_update(grad, m.clone(), v.clone(), beta1, beta2, eps, formula, bias2)
+    p = torch.nn.Parameter(_rand(7, 5, seed=3).double())
+    if formula == "torch":
+        opt = torch.optim.AdamW([p], lr=lr, betas=(beta1, beta2), eps=eps, weight_decay=0.0,
+                                foreach=False)
+        opt.state[p] = {"step": torch.tensor(float(t - 1)), "exp_avg": m.double(),
+                        "exp_avg_sq": v.double()}
+        step_size = lr / bias1
+    else:
+        opt = galore_torch.GaLoreAdamW([p], lr=lr, betas=(beta1, beta2), eps=eps,
+                                       weight_decay=0.0)
+        opt.state[p] = {"step": t - 1, "exp_avg": m.double(), "exp_avg_sq": v.double()}
+        step_size = lr * math.sqrt(bias2) / bias1
+    before = p.detach().clone()
+    p.grad = grad.double()
+    opt.step()
+    torch.testing.assert_close(n.double(), (before - p.detach()) / step_size, rtol=1e-5,
+                               atol=1e-8)
+
+
 @pytest.mark.parametrize("side", ["right", "left"])
 def test_reference_update_decay_order(side):
     """decay_before is ``mul_`` before the accumulate-GEMM, decay_after galore-torch's

@@ -9,6 +9,7 @@ it is imported).  Codes may differ from the torch path by one level where a valu
 (fp32 rounding), so dequantised values are compared with the documented bound.
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from lowrank_optim import kernels
 from lowrank_optim.kernels import blockwise as q
 from lowrank_optim.kernels import reference
 from lowrank_optim.kernels.dispatch import triton_available
+from tests import lowbit_spec as spec
 from tests.helpers import spy_calls
 
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed")
@@ -36,6 +38,9 @@ def per_element(absmax: torch.Tensor, block: int, shape: torch.Size) -> torch.Te
 
 # -- dispatch (no Triton kernel runs here) -----------------------------------------------------
 def test_torch_path_is_the_quantization_module():
+    """The dispatch's torch path is the specification module, and that module computes what
+    the documentation specifies (an independent statement: :mod:`tests.lowbit_spec`; more in
+    ``test_lowbit_spec.py``)."""
     assert reference.quantize_blockwise is q.quantize
     assert reference.dequantize_blockwise is q.dequantize
     x = rand(M, N, seed=0)
@@ -44,6 +49,13 @@ def test_torch_path_is_the_quantization_module():
     assert torch.equal(codes, want[0]) and torch.equal(absmax, want[1])
     assert torch.equal(kernels.dequantize_blockwise(codes, absmax, 64), q.dequantize(codes, absmax,
                                                                                       64))
+    spec_codes, spec_absmax, tie = spec.quantize(x.numpy(), 64, "dynamic", True)
+    np.testing.assert_array_equal(absmax.double().numpy(), spec_absmax)
+    got = codes.reshape(-1).long().numpy()
+    assert np.all((got == spec_codes) | tie)
+    np.testing.assert_allclose(
+        kernels.dequantize_blockwise(codes, absmax, 64).double().numpy().reshape(-1),
+        spec.dequantize(got, spec_absmax, 64, "dynamic", True), rtol=1e-6)
 
 
 def test_quantize_out_writes_in_place_and_results_are_compact():
@@ -69,7 +81,9 @@ def test_zero_state_dequantizes_to_zero():
 
 @pytest.mark.parametrize("formula", ["galore", "torch"])
 def test_reference_adam_8bit_is_adam_on_the_dequantized_moments(formula):
-    """Direction bit-identical to 32-bit Adam on the dequantised moments; moments requantised."""
+    """Direction bit-identical to 32-bit Adam on the dequantised moments; moments requantised.
+    (The composition as implemented; ``test_lowbit_spec.py::test_adam_8bit_step_from_a_nonzero
+    _state`` checks the same step against the documented tables and a float64 Adam.)"""
     grad, block = rand(M, N, seed=2), 64
     m_codes, m_absmax = q.quantize(rand(M, N, seed=3) * 0.1, block, signed=True)
     v_codes, v_absmax = q.quantize(rand(M, N, seed=4).square() * 0.01, block, signed=False)

@@ -55,3 +55,51 @@ def test_bf16_state_keeps_dtypes_across_load():
     after = {k: v.dtype for s in opt2.state.values() for k, v in s.items()}
     assert before == after
     assert after["refresh_step"] == torch.int64
+
+
+def _sst(model, **kw):
+    lo.sst.convert(model, rank=4, target_modules=["q_proj", "up_proj"])
+    return lo.SSTAdamW(lo.sst.sst_param_groups(model), lr=1e-3, **kw)
+
+
+#: name -> (make, {state key: the dtype it must have}) for the keys whose dtype torch's own
+#: load would change (it casts every tensor but "step" to a floating parameter's dtype)
+DTYPES = {
+    "galore_adamw": (lambda m: lo.GaLoreAdamW(lo.param_groups(m, rank=4), lr=1e-3),
+                     {"refresh_step": torch.int64}),
+    "dct_adamw": (lambda m: lo.DCTAdamW(lo.param_groups(m, rank=4), lr=1e-3),
+                  {"proj_idx": torch.int32, "proj_shape": torch.int64}),
+    "dct_adamw8bit": (lambda m: lo.DCTAdamW(lo.param_groups(m, rank=4), lr=1e-3, bits=8,
+                                            min_8bit_size=0),
+                      {"exp_avg_codes": torch.uint8, "exp_avg_sq_absmax": torch.float32}),
+    "galore_adafactor": (lambda m: lo.GaLoreAdafactor(lo.param_groups(m, rank=4), beta1=0.9),
+                         {"exp_avg": torch.float32, "exp_avg_sq_row": torch.float32}),
+    "sst_adamw": (_sst, {"proj_idx": torch.int64, "proj_width": torch.int64}),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(DTYPES))
+def test_load_restores_every_saved_dtype_immediately(name, dtype):
+    """Right after ``load_state_dict`` (before any step could rebuild an entry), every state
+    tensor of every parameter has the dtype it was saved with, and the same values."""
+    make, must = DTYPES[name]
+    model = tiny_llama().to(dtype)
+    opt = make(model)
+    train(model, opt, token_batches(2))
+    saved = roundtrip(opt.state_dict())
+    fresh_model = tiny_llama(seed=5).to(dtype)
+    fresh = make(fresh_model)
+    fresh_model.load_state_dict(model.state_dict())
+    fresh.load_state_dict(saved)
+    seen = set()
+    for (n, p), q in zip(model.named_parameters(), fresh_model.parameters(), strict=True):
+        mine, loaded = opt.state[p], fresh.state[q]
+        assert mine.keys() == loaded.keys(), n
+        for key, value in mine.items():
+            assert loaded[key].dtype == value.dtype, (n, key, loaded[key].dtype, value.dtype)
+            assert torch.equal(loaded[key], value), (n, key)
+            if key in must:
+                assert value.dtype == must[key], (n, key)
+                seen.add(key)
+    assert seen == set(must)  # each dtype torch would change was really checked

@@ -260,6 +260,44 @@ def test_request_refresh_resamples():
     assert opt.schedule_state()["draws"] == 2
 
 
+def test_request_refresh_draws_new_vectors_whose_state_restarts():
+    """What a refresh does, not only its counter: every layer's U and V share a new draw of
+    distinct indices (some layer's differs from before), their moments restart, and the next
+    step moves exactly the newly sampled columns, by a first Adam step (lr * sign-like
+    ``g / (|g| + eps)``: AdamW's first update is ``lr * m / (sqrt(v) + eps)`` with
+    ``m = (1 - b1) g``, ``v = (1 - b2) g^2`` bias-corrected to ``g`` and ``g^2``)."""
+    model = _mlp()
+    opt = lo.SSTAdamW(sst.sst_param_groups(model), lr=1e-2, weight_decay=0.0,
+                      iteration_warmup=0)  # no warm-up of the restarted vectors
+    for seed in range(2):
+        opt.zero_grad()
+        _backward(model, seed)
+        opt.step()
+    before = {id(u): opt.state[u]["proj_idx"].clone() for _, _, u, _, _ in opt.spectral_layers()}
+    opt.request_refresh()
+    changed = False
+    for _, group, u, _, v in opt.spectral_layers():
+        idx = opt.state[u]["proj_idx"]
+        assert torch.equal(idx, opt.state[v]["proj_idx"])
+        assert idx.unique().numel() == group["rank"] and 0 <= int(idx.min())
+        assert int(idx.max()) < u.shape[1]
+        assert set(opt.state[u]) == set(opt.state[v]) == {"proj_idx", "proj_width"}
+        changed |= not torch.equal(idx, before[id(u)])
+    assert changed
+    _, _, u, _, _ = opt.spectral_layers()[0]
+    old = u.detach().clone()
+    opt.zero_grad()
+    _backward(model, 5)
+    grad = u.grad.clone()
+    opt.step()
+    idx = opt.state[u]["proj_idx"]
+    untouched = [c for c in range(u.shape[1]) if c not in idx.tolist()]
+    assert torch.equal(u[:, untouched], old[:, untouched])
+    first = old[:, idx] - 1e-2 * grad[:, idx] / (grad[:, idx].abs() + 1e-8)
+    first = first / first.norm(dim=0, keepdim=True)  # SST keeps U's columns unit length
+    torch.testing.assert_close(u[:, idx].detach(), first, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [

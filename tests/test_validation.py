@@ -66,7 +66,7 @@ def test_param_groups_leaves_layers_smaller_than_rank_unprojected(caplog):
         groups = lo.param_groups(_model(), rank=6)
     assert groups[0]["param_names"] == ["0.weight"]
     assert "2.weight" in groups[1]["param_names"]
-    assert "1 Linear weights with min(m, n) < rank=6 unprojected" in caplog.text
+    assert "1 of them Linear weights with min(m, n) < rank=6" in caplog.text
 
 
 def test_non_2d_tensor_in_projected_group_is_rejected():
@@ -105,14 +105,18 @@ def test_nonfinite_gradient_raises_before_any_change(bad):
     model(torch.randn(3, 8)).sum().backward()
     opt.step()
     params = [p.detach().clone() for p in model.parameters()]
-    state = {k: v.clone() for s in opt.state.values() for k, v in s.items()}
+    # keyed by parameter: every parameter's state, not only the last one's (more places and
+    # modes in tests/test_nonfinite.py)
+    state = {p: {k: v.clone() for k, v in s.items()} for p, s in opt.state.items()}
     model(torch.randn(3, 8)).sum().backward()
     model[2].weight.grad[0, 0] = bad
     with pytest.raises(RuntimeError, match=r"non-finite.*2\.weight"):
         opt.step()
     assert all(torch.equal(a, b) for a, b in zip(params, model.parameters(), strict=True))
-    after = {k: v for s in opt.state.values() for k, v in s.items()}
-    assert all(torch.equal(state[k], after[k]) for k in state)
+    assert len(state) == len(list(model.parameters()))
+    for p, saved in state.items():
+        assert opt.state[p].keys() == saved.keys()
+        assert all(torch.equal(opt.state[p][k], v) for k, v in saved.items())
 
 
 def test_nonfinite_skip_mode_warns_and_leaves_everything_untouched():

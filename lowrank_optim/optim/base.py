@@ -84,7 +84,7 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self.projector = projector
         self.refresher: Refresher = local_refresh
         self.nonfinite = nonfinite
-        self._layouts: dict[int, tuple] = {}  # id(group) -> layout_fingerprint last checked
+        self._layouts: dict[int, tuple] = {}  # id(group) -> (layout fingerprint, refresher type)
         self.skipped_steps = 0
         self._track_overlap = False
         self._overlaps: dict[torch.Tensor, torch.Tensor] = {}
@@ -109,12 +109,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
         self._check_layout(group)
 
     def _check_layout(self, group: dict) -> None:
-        """:func:`distributed.check_group_layout` when ``group``'s tensors or settings changed
-        since the last check (a step costs one fingerprint, not a re-check)."""
-        if self._layouts.get(id(group)) != distributed.layout_fingerprint(group):
+        """:func:`distributed.check_group_layout` when ``group``'s tensors or settings, or the
+        refresher, changed since the last check (a step costs one fingerprint, not a
+        re-check); the verdict depends on the refresher (FSDP2 refuses ``rotate_moments``
+        with :func:`distributed.broadcast_refreshes`, installed after construction)."""
+        refresher = type(self.refresher)
+        if self._layouts.get(id(group)) != (distributed.layout_fingerprint(group), refresher):
             distributed.check_group_layout(self, group)
             # after the check, which records the group's matrix count in the group
-            self._layouts[id(group)] = distributed.layout_fingerprint(group)
+            self._layouts[id(group)] = (distributed.layout_fingerprint(group), refresher)
 
     @staticmethod
     def projects(group: dict, param: torch.Tensor) -> bool:

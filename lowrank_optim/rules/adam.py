@@ -18,10 +18,11 @@ class Adam(Rule):
     """Adam moments on the (projected) gradient, in 32-bit or block-wise 8-bit state.
 
     ``formula="galore"`` (default) reproduces galore-torch / the old ``transformers.AdamW``:
-    ``N = M / (sqrt(V) + eps)``, step size ``lr * sqrt(1 - b2^t) / (1 - b1^t)`` (bias
-    correction optional with ``correct_bias``) and weight decay ``W -= lr * wd * W`` *after* the
-    update.  ``formula="torch"`` reproduces ``torch.optim.AdamW``: ``eps`` is added after the
-    second-moment bias correction (so it acts smaller early on) and the decay is applied first.
+    ``N = M / (sqrt(V) + eps)``, step size ``lr * sqrt(1 - b2^t) / (1 - b1^t)`` and weight
+    decay ``W -= lr * wd * W`` *after* the update.  ``formula="torch"`` reproduces
+    ``torch.optim.AdamW``: ``eps`` is added after the second-moment bias correction (so it acts
+    smaller early on) and the decay is applied first.  ``correct_bias=False`` drops both bias
+    corrections in either formula (step size ``lr``, ``N = M / (sqrt(V) + eps)``).
     The moment update and the direction are :func:`lowrank_optim.kernels.adam_update` (one
     fused kernel on CUDA).
 
@@ -67,8 +68,9 @@ class Adam(Rule):
     def update(self, low: torch.Tensor, state: dict, group: dict, param: torch.Tensor) -> Update:
         beta1, beta2 = group["betas"]
         lr, eps, step = group["lr"], group["eps"], float(state["step"])
-        bias1 = 1.0 - beta1**step
-        bias2 = 1.0 - beta2**step
+        # correct_bias=False: no bias correction in either formula (torch's used to ignore it)
+        bias1 = 1.0 - beta1**step if group["correct_bias"] else 1.0
+        bias2 = 1.0 - beta2**step if group["correct_bias"] else 1.0
         formula = group["formula"]
         if "exp_avg" in state:
             direction = kernels.adam_update(
@@ -79,7 +81,7 @@ class Adam(Rule):
         if formula == "torch":
             return Update(direction, -lr / bias1,
                           decay=lr * group["weight_decay"], decay_first=True)
-        step_size = lr * math.sqrt(bias2) / bias1 if group["correct_bias"] else lr
+        step_size = lr * math.sqrt(bias2) / bias1
         return Update(direction, -step_size, decay=lr * group["weight_decay"], decay_first=False)
 
     def _update_8bit(self, low: torch.Tensor, state: dict, group: dict, beta1: float,
