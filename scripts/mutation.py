@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -442,18 +441,12 @@ def run_mutant(copy: Path, m: Mutant, timeout: int, deselect: tuple[str, ...] = 
 
 
 def machine() -> str:
-    import torch
+    """The machine line of the benchmarks (the repository root is not on the path of a script
+    run as ``python scripts/mutation.py``)."""
+    sys.path.insert(0, str(ROOT))
+    from benchmarks._common import machine as named
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python " \
-           f"{platform.python_version()}"
+    return named()
 
 
 def _short(test: str) -> str:

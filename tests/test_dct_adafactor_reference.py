@@ -19,18 +19,7 @@ import scipy.fft
 import torch
 
 import lowrank_optim as lo
-
-SHAPES = [(24, 16), (16, 24), (16,)]  # right side, left side, unprojected 1-D
-
-
-def _params(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [torch.nn.Parameter(torch.randn(s, generator=g)) for s in SHAPES]
-
-
-def _grads(steps, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(s, generator=g) for s in SHAPES] for _ in range(steps)]
+from tests.test_dct_optim import _grads, _params  # right, left, 1-D: the DCT-AdamW loop's
 
 
 def _rms(x):

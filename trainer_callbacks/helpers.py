@@ -453,9 +453,11 @@ def attach(
     way the Trainer builds its own optimizers (:func:`trainer_style`: ``lr`` defaults to
     ``trainer.args.learning_rate``; Adafactor-type optimizers get ``relative_step=False,
     scale_parameter=False`` unless set) and installs it as the Trainer's optimizer (the
-    summary line on the ``lowrank_optim`` logger names the learning rate and its source); without, keeps the optimizer given as ``Trainer(optimizers=(opt, None))``.
-    Logging callbacks are bound to the Trainer, so their metrics go through ``trainer.log``
-    to every ``report_to`` integration.  Other arguments as in :func:`lowrank_trainer_kwargs`.
+    summary line on the ``lowrank_optim`` logger names the learning rate and its source);
+    without, keeps the optimizer given as ``Trainer(optimizers=(opt, None))``.  Logging
+    callbacks are bound to the Trainer (placed before its integrations), so their keys join
+    the Trainer's own log rows for every ``report_to`` integration and the console.  Other
+    arguments as in :func:`lowrank_trainer_kwargs`.
 
     Returns
     -------
