@@ -102,6 +102,22 @@ def _min_side(p: nn.Parameter) -> int:
     return min(getattr(p, "ds_shape", p.shape))
 
 
+def largest_rank(model: nn.Module, target_modules: TargetModules = "all-linear") -> int:
+    """The largest rank at which some targeted ``nn.Linear`` weight can be projected: the
+    biggest ``min(m, n)`` among them (0 when nothing is targeted)."""
+    return max((_min_side(p) for _, p in select_linear_weights(model, target_modules)[0]),
+               default=0)
+
+
+def warn_nothing_projected(rank: int, largest: int) -> None:
+    """The one warning for a ``rank`` above every targeted weight's ``min(m, n)``: the model
+    then trains unprojected (``param_groups``, ``sst_adamw``)."""
+    logger.warning(
+        "lowrank_optim: rank=%d exceeds min(m, n) of every targeted weight (largest min "
+        "dimension %d), so nothing is projected and every tensor trains with the plain rule "
+        "(full-size state); pass rank <= %d to project.", rank, largest, largest)
+
+
 def embedding_param_ids(model: nn.Module) -> set[int]:
     """``id`` of every ``nn.Embedding`` weight of ``model`` (a tied output head included)."""
     return {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -226,11 +242,7 @@ def param_groups_and_summary(
     too_small = [(n, p) for n, p in selected if _min_side(p) < rank]
     selected = [(n, p) for n, p in selected if _min_side(p) >= rank]
     if not selected and too_small:
-        largest = max(_min_side(p) for _, p in too_small)
-        logger.warning(
-            "lowrank_optim: rank=%d exceeds min(m, n) of every targeted weight (largest min "
-            "dimension %d), so nothing is projected and every tensor trains with the plain "
-            "rule (full-size state); pass rank <= %d to project.", rank, largest, largest)
+        warn_nothing_projected(rank, max(_min_side(p) for _, p in too_small))
     elif not selected:
         _explain_no_selection(model, target_modules)
         linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)][:8]

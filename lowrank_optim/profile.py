@@ -187,6 +187,7 @@ def _build(config, device: str, dtype: torch.dtype, checkpointing: bool):
 
 def _optimizer(model, name: str, rank: int, opt_args: dict[str, Any], analytic: bool,
                layerwise: bool = False):
+    from lowrank_optim.groups import largest_rank
     from lowrank_optim.optim.base import LowRankOptimizer
     from lowrank_optim.registry import BASELINES, create_optimizer
 
@@ -199,8 +200,7 @@ def _optimizer(model, name: str, rank: int, opt_args: dict[str, Any], analytic: 
     if name.lower() not in BASELINES and not any(g.get("rank") for g in opt.param_groups):
         # the library trains such a model unprojected (with a warning); a profile of that
         # would answer another question than the one asked
-        widest = max((min(m.weight.shape) for m in model.modules()
-                      if isinstance(m, torch.nn.Linear)), default=0)
+        widest = largest_rank(model, kwargs.get("target_modules", "all-linear"))
         raise ValueError(f"rank={kwargs['rank']} exceeds min(m, n) of every targeted weight "
                          f"(largest {widest}): {name} would project nothing; choose a rank "
                          f"<= {widest}")

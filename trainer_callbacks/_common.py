@@ -52,8 +52,8 @@ def will_log(args: Any, state: Any, step: int) -> bool:
     (step-based logging or ``logging_first_step``), predicted before the step completes."""
     if step == 1 and getattr(args, "logging_first_step", False):
         return True
-    strategy = getattr(getattr(args, "logging_strategy", "steps"), "value",
-                       getattr(args, "logging_strategy", "steps"))
+    strategy = getattr(args, "logging_strategy", "steps")
+    strategy = getattr(strategy, "value", strategy)  # an IntervalStrategy or its string
     return strategy == "steps" and step % interval(None, args, state) == 0
 
 
@@ -109,7 +109,7 @@ class LoggingCallback(TrainerCallback):
             handler.callbacks.insert(_first_reader_index(handler.callbacks), self)
         return self
 
-    def due(self, args: Any, state: Any, step: int) -> bool:
+    def due(self, step: int) -> bool:
         """Whether the metrics belong in a training row logged at ``step``."""
         return self.every is None or step % self.every == 0
 
@@ -120,7 +120,7 @@ class LoggingCallback(TrainerCallback):
     def on_log(self, args, state, control, logs=None, optimizer=None, **kwargs):
         if logs is None or optimizer is None or not is_training_row(logs):
             return
-        if not self.due(args, state, state.global_step):
+        if not self.due(state.global_step):
             return
         metrics = self.collect(args, state, optimizer)
         if not metrics:

@@ -76,7 +76,7 @@ class SubspaceStatsCallback(LoggingCallback):
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         # the step being taken is global_step + 1 once it completes
         step = state.global_step + 1
-        if (self._optimizer is None or self._layerwise or not self.due(args, state, step)
+        if (self._optimizer is None or self._layerwise or not self.due(step)
                 or not will_log(args, state, step)):
             return
         energy = self._optimizer.subspace_stats(energy=True)

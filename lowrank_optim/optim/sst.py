@@ -16,14 +16,18 @@ per-layer schedule around that step, kept here:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
 from torch import nn
 
-from lowrank_optim.groups import TargetModules, plain_groups, select_linear_weights
+from lowrank_optim.groups import (
+    TargetModules,
+    largest_rank,
+    plain_groups,
+    warn_nothing_projected,
+)
 from lowrank_optim.optim._hyperparameters import fill_doc, group_defaults
 from lowrank_optim.optim.base import LowRankOptimizer
 from lowrank_optim.projectors.sampled import SampledColumnsProjector
@@ -33,8 +37,6 @@ from lowrank_optim.sst.groups import sst_param_groups
 from lowrank_optim.sst.layers import spectral_product, svd_factors
 from lowrank_optim.sst.sampling import sample_indices, seeded_generator
 from lowrank_optim.validation import check_int_at_least, param_label
-
-logger = logging.getLogger("lowrank_optim")
 
 #: per-layer schedule counters, kept in the state of the layer's ``S`` (int64 scalars)
 LAYER_KEYS = ("sst_layer", "sst_step", "sst_draws", "sst_resvds")
@@ -343,11 +345,7 @@ def create_sst_adamw(
     if spectral_modules(model):
         groups = sst_param_groups(model, rank=rank, embedding_bits=embedding_bits)
     else:  # every targeted layer is narrower than rank: as GaLore, nothing projected
-        largest = max(min(w.shape) for _, w in select_linear_weights(model, target_modules)[0])
-        logger.warning(
-            "lowrank_optim: rank=%d exceeds min(in, out) of every targeted layer (largest %d), "
-            "so no layer is converted and every tensor trains with plain AdamW (full-size "
-            "state); pass rank <= %d for SST.", rank, largest, largest)
+        warn_nothing_projected(rank, largest_rank(model, target_modules))
         groups = plain_groups(model, [(n, p) for n, p in model.named_parameters()
                                       if p.requires_grad], embedding_bits)
     return SSTAdamW(groups, **optimizer_kwargs)
