@@ -12,7 +12,6 @@ from collections.abc import Callable
 
 import torch
 
-from lowrank_optim import kernels
 from lowrank_optim.projectors.base import Projector
 from lowrank_optim.rules.base import Rule
 
@@ -96,13 +95,23 @@ def _step(
         low = projector.project(grad, state, group) if fresh is None else fresh
 
     state["step"] += 1
+    if projector is None:
+        rule.step_unprojected([param], [grad], [state], group)
+        return
     update = rule.step(low, state, group, param)
-
     # decay and update in one pass where the backend fuses them (kernels.decoupled_decay order)
-    decay_before = update.decay if update.decay_first else 0.0
-    decay_after = 0.0 if update.decay_first else update.decay
-    if projector is not None:
-        projector.apply_update(param, update.direction, update.alpha * group["scale"], state,
-                               group, decay_before, decay_after)
-    else:
-        kernels.update_param(param, update.direction, update.alpha, decay_before, decay_after)
+    projector.apply_update(param, update.direction, update.alpha * group["scale"], state,
+                           group, *update.decays)
+
+
+def plain_steps(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
+                group: dict, rule: Rule) -> None:
+    """:func:`lowrank_step` without a projector for several parameters of one group at once,
+    so that a rule with a multi-tensor kernel (:meth:`Rule.step_unprojected`) runs it once
+    for all of them; each parameter gets the bits it would get alone.  Parameters in
+    :data:`FP32_STEP_DTYPES` must go through :func:`lowrank_step`."""
+    for state in states:
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)
+        state["step"] += 1
+    rule.step_unprojected(params, grads, states, group)

@@ -103,7 +103,9 @@ def test_galore_adamw8bit_defaults():
 # -- the step ------------------------------------------------------------------------------------
 def test_first_step_equals_32bit_and_moments_within_bound():
     """From zero moments the direction comes from the fp32 moments before requantisation, so
-    the first step is bit-identical to 32-bit; the stored moments are within the bound."""
+    the first step equals 32-bit: bit for bit for the projected weight (the same kernels), to
+    an ulp for the unprojected one (32-bit state takes torch's fused multi-tensor AdamW there,
+    which computes M as a lerp); the stored moments are within the bound."""
     params32 = [torch.nn.Parameter(torch.randn(96, 64, generator=torch.Generator().manual_seed(i)))
                 for i in range(2)]
     params8 = [torch.nn.Parameter(p.detach().clone()) for p in params32]
@@ -118,8 +120,9 @@ def test_first_step_equals_32bit_and_moments_within_bound():
         p8.grad = p32.grad.clone()
     opt32.step()
     opt8.step()
+    assert torch.equal(params32[0], params8[0])
+    torch.testing.assert_close(params8[1], params32[1], rtol=1e-6, atol=1e-8)  # steps ~1e-2
     for p32, p8 in zip(params32, params8, strict=True):
-        assert torch.equal(p32, p8)
         s32, s8 = opt32.state[p32], opt8.state[p8]
         assert "exp_avg" not in s8 and s8["exp_avg_codes"].dtype == torch.uint8
         for name in ("exp_avg", "exp_avg_sq"):

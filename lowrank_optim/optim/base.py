@@ -10,7 +10,13 @@ from typing import Any
 import torch
 
 from lowrank_optim import distributed
-from lowrank_optim.core import Refresher, local_refresh, lowrank_step
+from lowrank_optim.core import (
+    FP32_STEP_DTYPES,
+    Refresher,
+    local_refresh,
+    lowrank_step,
+    plain_steps,
+)
 from lowrank_optim.projectors.base import Projector
 from lowrank_optim.rules.base import Rule
 from lowrank_optim.validation import (
@@ -188,11 +194,27 @@ class LowRankOptimizer(torch.optim.Optimizer):
         grads = self._check_step_inputs()  # nothing changes before every input is checked
         if self.nonfinite != "ignore" and not self._grads_finite(grads):
             return loss
+        by_group: dict[int, list[tuple[int, torch.Tensor]]] = {}
+        for group, i, p in grads:
+            by_group.setdefault(id(group), []).append((i, p))
         for group in self.param_groups:
-            for i, p in enumerate(group["params"]):
-                if p.grad is not None:
+            todo = by_group.get(id(group), [])
+            plain = [p for _, p in todo if self._steps_plain(group, p)]
+            if plain:  # one multi-tensor call for the group's unprojected tensors
+                plain_steps(plain, [p.grad for p in plain], [self.state[p] for p in plain],
+                            group, self.rule)
+            for i, p in todo:
+                if not self._steps_plain(group, p):
                     self.step_param(p, group, i)
         return loss
+
+    def _steps_plain(self, group: dict, param: torch.Tensor) -> bool:
+        """Whether :meth:`step` steps ``param`` with its group's other unprojected tensors
+        (:func:`lowrank_optim.core.plain_steps`) instead of through :meth:`step_param`: not
+        projected, not an FSDP2 shard, not stepped in fp32 (``FP32_STEP_DTYPES``).  Its
+        gradient was checked by :meth:`_check_step_inputs`."""
+        return (not self.projects(group, param) and not distributed.is_dtensor(param)
+                and param.dtype not in FP32_STEP_DTYPES)
 
     def step_param(
         self,

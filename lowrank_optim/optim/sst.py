@@ -192,6 +192,11 @@ class SSTAdamW(LowRankOptimizer):
         if role == 2:
             self._end_layer_step(group, *group["params"][index - 2:index + 1])
 
+    def _steps_plain(self, group: dict, param: torch.Tensor) -> bool:
+        """SST groups step parameter by parameter (each role has its own learning rate and
+        the layer's schedule advances after its ``V``); other groups batch as usual."""
+        return group["rank"] is None and super()._steps_plain(group, param)
+
     @staticmethod
     def _warmup_factor(group: dict, state: dict) -> float:
         """Linear warm-up of a parameter whose state was reset (``iteration_warmup`` steps)."""

@@ -7,6 +7,7 @@ import math
 import torch
 
 from lowrank_optim import kernels
+from lowrank_optim.kernels import multi_tensor
 from lowrank_optim.rules import lowbit
 from lowrank_optim.rules.base import Moment, Rule, Update
 from lowrank_optim.validation import check_betas, check_choice, check_lr, check_nonneg
@@ -83,6 +84,36 @@ class Adam(Rule):
                           decay=lr * group["weight_decay"], decay_first=True)
         step_size = lr * math.sqrt(bias2) / bias1
         return Update(direction, -step_size, decay=lr * group["weight_decay"], decay_first=False)
+
+    def step_unprojected(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
+        group: dict,
+    ) -> None:
+        """All 32-bit, bias-corrected CPU tensors in one fused multi-tensor pass
+        (:func:`lowrank_optim.kernels.multi_tensor.adamw_`, grouped by dtype and, for the
+        galore formula, by step); the rest (8-bit moments, ``correct_bias=False``, other
+        devices) one at a time through the base class."""
+        batches: dict[tuple, list[int]] = {}
+        rest = []
+        for i, (p, g, s) in enumerate(zip(params, grads, states, strict=True)):
+            if not self.has_state(s):
+                self.init_state(g, s, group)
+            if group["correct_bias"] and multi_tensor.supports(
+                    p, g, s.get("exp_avg"), s.get("exp_avg_sq"), s["step"]):
+                key = (p.dtype, float(s["step"]) if group["formula"] == "galore" else None)
+                batches.setdefault(key, []).append(i)
+            else:
+                rest.append(i)
+        beta1, beta2 = group["betas"]
+        for batch in batches.values():
+            multi_tensor.adamw_(
+                [params[i] for i in batch], [grads[i] for i in batch],
+                [states[i]["exp_avg"] for i in batch], [states[i]["exp_avg_sq"] for i in batch],
+                [states[i]["step"] for i in batch], lr=group["lr"], beta1=beta1, beta2=beta2,
+                eps=group["eps"], weight_decay=group["weight_decay"], formula=group["formula"])
+        if rest:
+            super().step_unprojected([params[i] for i in rest], [grads[i] for i in rest],
+                                     [states[i] for i in rest], group)
 
     def _update_8bit(self, low: torch.Tensor, state: dict, group: dict, beta1: float,
                      beta2: float, eps: float, formula: str, bias2: float) -> torch.Tensor:

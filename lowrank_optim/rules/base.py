@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 
+from lowrank_optim import kernels
 from lowrank_optim.rules import lowbit
 
 #: ``fn(tensor, axis)`` of :meth:`Rule.map_moments`: the tensor re-expressed along ``axis``
@@ -99,6 +100,12 @@ class Update:
     alpha: float
     decay: float = 0.0
     decay_first: bool = False
+
+    @property
+    def decays(self) -> tuple[float, float]:
+        """``(decay_before, decay_after)`` as :func:`lowrank_optim.kernels.update_param` and
+        the projectors' ``apply_update`` take them."""
+        return (self.decay, 0.0) if self.decay_first else (0.0, self.decay)
 
 
 class Rule(ABC):
@@ -182,6 +189,23 @@ class Rule(ABC):
             return self.update(low, state, group, param)
         with lowbit.dequantized(state, group, self.moments):
             return self.update(low, state, group, param)
+
+    def step_unprojected(
+        self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
+        group: dict,
+    ) -> None:
+        """Step parameters that have no projector, in place (each ``state["step"]`` already
+        advanced): ``param += alpha * direction`` inside the update's decoupled decay.
+
+        The core calls it with one parameter (:func:`lowrank_optim.core.lowrank_step`) or with
+        all unprojected parameters of a group at once (:func:`lowrank_optim.core.plain_steps`);
+        a rule with a multi-tensor kernel overrides it (:class:`~lowrank_optim.rules.Adam`:
+        torch's fused AdamW), and must give each parameter the same result either way.  The
+        default steps them one at a time through :meth:`step`.
+        """
+        for param, grad, state in zip(params, grads, states, strict=True):
+            update = self.step(grad, state, group, param)
+            kernels.update_param(param, update.direction, update.alpha, *update.decays)
 
     @abstractmethod
     def update(
