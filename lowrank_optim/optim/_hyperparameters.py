@@ -80,6 +80,15 @@ lr, eps, clip_threshold, decay_rate, beta1, weight_decay
 scale_parameter, relative_step, warmup_init
     Scale the step by the parameter's RMS; derive the step size from the step count
     (needs ``lr=None``); with ``relative_step``, warm that step size up linearly.""",
+    "svd": """\
+svd_method, svd_oversample, svd_power_iters, svd_seed
+    How a refresh computes the basis (group keys, see
+    :class:`lowrank_optim.projectors.SVDProjector`): ``"exact"`` (default,
+    ``torch.linalg.svd``, galore-torch's refresh), ``"randomized"`` (seeded range finder with
+    ``svd_oversample`` extra samples and ``svd_power_iters`` power iterations, default 2) or
+    ``"warm"`` (``svd_power_iters`` subspace iterations from the current basis, default 1;
+    the first refresh is exact).  Several times to twenty times cheaper than exact on large
+    weights; see ``benchmarks/results/refresh_cost_cpu.md``.""",
     "dct": """\
 update_proj_gap
     Steps between subspace re-selections (default 1: every step; ``None`` leaves the timing

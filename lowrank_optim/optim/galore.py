@@ -34,6 +34,7 @@ class GaLoreAdamW(LowRankOptimizer):
         ``GaLoreAdamW(params, formula="torch", eps=1e-8, weight_decay=1e-2)`` equals
         ``torch.optim.AdamW`` on groups without ``rank``.
     {lowbit}
+    {svd}
     {nonfinite}
 
     Examples
@@ -59,6 +60,10 @@ class GaLoreAdamW(LowRankOptimizer):
         block_size: int = 256,
         code: str = "dynamic",
         min_8bit_size: int = 4096,
+        svd_method: str = "exact",
+        svd_oversample: int = 10,
+        svd_power_iters: int | None = None,
+        svd_seed: int = 0,
         nonfinite: str = "raise",
         no_deprecation_warning: bool = True,  # accepted for galore-torch compatibility
     ) -> None:
@@ -96,6 +101,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
     block_size, code
         Elements per absmax scale (256, as bitsandbytes' block-wise mode) and the table
         (``"dynamic"`` or ``"linear"``).
+    {svd}
     {nonfinite}
 
     Notes
@@ -130,6 +136,10 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         bits: int = 8,
         block_size: int = 256,
         code: str = "dynamic",
+        svd_method: str = "exact",
+        svd_oversample: int = 10,
+        svd_power_iters: int | None = None,
+        svd_seed: int = 0,
         nonfinite: str = "raise",
     ) -> None:
         if isinstance(bits, bool) or bits != 8:
@@ -151,7 +161,9 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                                  f"{default!r}): {hint}.")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
                          formula="torch", bits=8, block_size=block_size, code=code,
-                         min_8bit_size=min_8bit_size, nonfinite=nonfinite)
+                         min_8bit_size=min_8bit_size, svd_method=svd_method,
+                         svd_oversample=svd_oversample, svd_power_iters=svd_power_iters,
+                         svd_seed=svd_seed, nonfinite=nonfinite)
 
 
 @fill_doc
@@ -165,6 +177,7 @@ class GaLoreAdafactor(LowRankOptimizer):
     ----------
     {params}
     {adafactor}
+    {svd}
     {nonfinite}
     """
 
@@ -183,6 +196,10 @@ class GaLoreAdafactor(LowRankOptimizer):
         relative_step: bool = True,
         warmup_init: bool = False,
         *,
+        svd_method: str = "exact",
+        svd_oversample: int = 10,
+        svd_power_iters: int | None = None,
+        svd_seed: int = 0,
         nonfinite: str = "raise",
     ) -> None:
         defaults = group_defaults(locals(), Adafactor, self.projector_type)

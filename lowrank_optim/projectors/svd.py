@@ -1,13 +1,44 @@
-"""GaLore's projector: the top singular vectors of the gradient (exact SVD in fp32)."""
+"""GaLore's projector: the top singular vectors of the gradient (fp32 SVD: exact, randomized or
+warm-started)."""
 
 from __future__ import annotations
 
 import torch
 
+from typing import Any
+
 from lowrank_optim import kernels
+from lowrank_optim.projectors import fast_svd
 from lowrank_optim.projectors.base import Projector
 from lowrank_optim.rules.base import Rule
-from lowrank_optim.validation import PROJ_TYPES, check_choice, check_rank
+from lowrank_optim.validation import PROJ_TYPES, check_choice, check_int_at_least, check_rank
+
+SVD_METHODS = ("exact", "randomized", "warm")
+#: the SVD projector's group keys beyond rank / update_proj_gap / scale / proj_type
+SVD_DEFAULTS: dict[str, Any] = {
+    "svd_method": "exact",
+    "svd_oversample": 10,
+    "svd_power_iters": None,
+    "svd_seed": 0,
+}
+#: power iterations when ``svd_power_iters`` is None
+DEFAULT_POWER_ITERS = {"randomized": 2, "warm": 1}
+
+
+def _opt(group: dict, key: str) -> Any:
+    return group.get(key, SVD_DEFAULTS[key])
+
+
+def power_iterations(group: dict) -> int:
+    """The group's ``svd_power_iters``, or its method's default (:data:`DEFAULT_POWER_ITERS`)."""
+    value = _opt(group, "svd_power_iters")
+    return DEFAULT_POWER_ITERS.get(_opt(group, "svd_method"), 0) if value is None else value
+
+
+def refresh_seed(group: dict, step: int) -> int:
+    """Seed of a randomized refresh at optimizer step ``step``: a function of ``svd_seed`` and
+    the step only, so replicas draw the same matrix and a resumed run redraws it."""
+    return (int(_opt(group, "svd_seed")) * 1_000_003 + step) % (2**63 - 1)
 
 
 def galore_sides(shape: torch.Size | tuple[int, int], proj_type: str) -> tuple[str, ...]:
@@ -26,18 +57,45 @@ class SVDProjector(Projector):
     """Top-``rank`` singular vectors of the gradient at refresh time.
 
     Group keys: ``rank``, ``proj_type`` (``std``, ``reverse_std``, ``left``, ``right``,
-    ``full``).  The SVD runs in fp32 whatever the gradient dtype and the basis is stored in the
-    gradient's dtype, as in galore-torch.  The basis is stored as its own compact tensor (not a
-    view into the SVD output), so the optimizer holds exactly ``r * min(m, n)`` elements.
+    ``full``) and how a refresh computes the basis (missing keys take :data:`SVD_DEFAULTS`):
+
+    ``svd_method``
+        ``"exact"`` (default): ``torch.linalg.svd``, galore-torch's refresh bit for bit.
+        ``"randomized"``: the randomized range finder (:func:`fast_svd.randomized_bases`,
+        ``svd_oversample`` extra samples, ``svd_power_iters`` power iterations, default 2).
+        ``"warm"``: subspace iteration from the current basis (:func:`fast_svd.warm_bases`,
+        ``svd_power_iters`` iterations, default 1); the first refresh of a parameter (no basis
+        yet, or one of another shape) is exact.
+    ``svd_oversample``
+        Extra random samples of ``"randomized"`` (default 10).
+    ``svd_power_iters``
+        Power / subspace iterations (default ``None``: 2 for ``"randomized"``, 1 for
+        ``"warm"``).
+    ``svd_seed``
+        Seed of ``"randomized"``'s Gaussian samples; the draw of a refresh at step ``t`` is
+        seeded from ``(svd_seed, t)`` (:func:`refresh_seed`), so DDP replicas agree and a
+        resumed run redraws the same matrix without generator state.
+
+    The SVD runs in fp32 whatever the gradient dtype and the basis is stored in the gradient's
+    dtype, as in galore-torch.  The basis is stored as its own compact tensor (not a view into
+    the SVD output), so the optimizer holds exactly ``r * min(m, n)`` elements.
     """
 
     name = "svd"
     subspace_keys = {"proj_left": "projectors", "proj_right": "projectors"}
+    hyperparameters = (*Projector.hyperparameters, *SVD_DEFAULTS)
+    defaults = SVD_DEFAULTS
     row_shardable = True
 
     def validate(self, param: torch.Tensor, group: dict, label: str) -> None:
         check_choice("proj_type", group.get("proj_type", "std"), PROJ_TYPES)
         check_rank(group["rank"], param, label, group.get("proj_type", "std"))
+        check_choice("svd_method", _opt(group, "svd_method"), SVD_METHODS)
+        check_int_at_least("svd_oversample", _opt(group, "svd_oversample"), 0)
+        check_int_at_least("svd_seed", _opt(group, "svd_seed"), 0)
+        if _opt(group, "svd_power_iters") is not None:
+            least = 1 if _opt(group, "svd_method") == "warm" else 0
+            check_int_at_least("svd_power_iters", _opt(group, "svd_power_iters"), least)
 
     def sides(self, shape: tuple[int, ...], group: dict) -> tuple[str, ...]:
         return galore_sides(shape, group.get("proj_type", "std"))
@@ -46,11 +104,26 @@ class SVDProjector(Projector):
         return "proj_left" in state or "proj_right" in state
 
     def refresh(self, grad: torch.Tensor, state: dict, group: dict, rule: Rule) -> None:
-        rank = group["rank"]
-        u, _, vh = torch.linalg.svd(grad.float(), full_matrices=False)
-        for side in self.sides(grad.shape, group):
-            basis = u[:, :rank] if side == "left" else vh[:rank]
-            state[f"proj_{side}"] = basis.to(dtype=grad.dtype, copy=True).contiguous()
+        rank, sides = group["rank"], self.sides(grad.shape, group)
+        method = _opt(group, "svd_method")
+        g = grad.float()
+        m, n = grad.shape
+        shapes = {"left": (m, rank), "right": (rank, n)}
+        previous = {s: state.get(f"proj_{s}") for s in sides}
+        if method == "warm" and all(b is not None and tuple(b.shape) == shapes[s]
+                                    for s, b in previous.items()):
+            bases = fast_svd.warm_bases(g, {s: b.float() for s, b in previous.items()},
+                                        power_iterations(group))
+        elif method == "randomized":
+            generator = torch.Generator(device=g.device)
+            generator.manual_seed(refresh_seed(group, int(state.get("step", 0))))
+            bases = fast_svd.randomized_bases(g, rank, sides, _opt(group, "svd_oversample"),
+                                              power_iterations(group), generator)
+        else:
+            u, _, vh = torch.linalg.svd(g, full_matrices=False)
+            bases = {"left": u[:, :rank], "right": vh[:rank]}
+        for side in sides:
+            state[f"proj_{side}"] = bases[side].to(dtype=grad.dtype, copy=True).contiguous()
 
     def project(self, grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
         low = grad
