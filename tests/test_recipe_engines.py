@@ -142,6 +142,11 @@ SHARDED = {
     "galore_full": ("galore_adamw", dict(rank=8, update_proj_gap=2, lr=1e-2, proj_type="full")),
     "dct_rotate": ("dct_adamw", dict(rank=8, lr=1e-2, rotate_moments=True)),
     "galore_broadcast": ("galore_adamw", dict(rank=8, update_proj_gap=2, lr=1e-2)),
+    # cheap refreshes: each rank computes the replicated basis itself, so ranks must agree
+    "galore_randomized": ("galore_adamw", dict(rank=8, update_proj_gap=2, lr=1e-2,
+                                               svd_method="randomized")),
+    "galore_warm": ("galore_adamw", dict(rank=8, update_proj_gap=2, lr=1e-2, svd_method="warm",
+                                         proj_type="full")),
     "adamw": ("adamw", dict(lr=1e-2)),
 }
 UNSHARDABLE = {  # name: (optimizer, kwargs, the reason the error must give)
