@@ -284,7 +284,7 @@ def stage_refresh_cost(ctx: Context, stage: Stage, deadline: float) -> None:
         args = ["--device", "cuda", "--shapes", "1024x1024,1024x2736,2048x2048,2048x5461",
                 "--repeats", "2"]
     cmd = [ctx.python, "-m", "benchmarks.refresh_cost", *args, "--json", str(raw),
-           "--no-write"]
+           "--no-write", "--quality-steps", "0", "--quality-seeds"]  # timings only
     record = run(ctx, stage, cmd, deadline - time.monotonic(), ctx.out / "refresh_cost.log")
     finish(stage, record, read_json(raw), "refresh-cost")
 

@@ -1,9 +1,14 @@
-"""Cost of refreshing one layer's subspace: exact SVD (GaLore) against the DCT selection.
+"""Cost of refreshing one layer's subspace: GaLore's SVD (exact, randomized, warm) against the
+DCT selection, and how much gradient energy the cheap refreshes keep on real gradients.
 
 For each LLaMA weight shape a fixed random gradient is given to
 
-* ``svd``: :class:`~lowrank_optim.projectors.SVDProjector`'s refresh (one
-  ``torch.linalg.svd`` of the gradient in fp32, the basis kept);
+* ``svd``: :class:`~lowrank_optim.projectors.SVDProjector`'s refresh with ``svd_method="exact"``
+  (one ``torch.linalg.svd`` of the gradient in fp32, the basis kept);
+* ``svd randomized``: ``svd_method="randomized"`` (defaults: 10 extra samples, 2 power
+  iterations);
+* ``svd warm``: ``svd_method="warm"`` (one subspace iteration from the current basis; timed
+  from a random orthonormal basis, since its cost does not depend on the values);
 * ``dct matmul``: :class:`~lowrank_optim.projectors.DCTProjector`'s refresh with
   ``score_route="matmul"`` (coefficients by one GEMM with the shared basis, top-r selection,
   low-rank gradient gathered from the coefficients);
@@ -21,6 +26,15 @@ optimizer step (moments + projector or indices); the DCT basis is listed once pe
     python -m benchmarks.refresh_cost --shapes 1024x1024,4096x11008 --repeats 5
     python -m benchmarks.refresh_cost --device cuda --shapes 2048x2048,2048x5461 \
         --json refresh.json --no-write       # scripts/gpu_check.sh's run
+    python -m benchmarks.refresh_cost --quality-only   # only the real-gradient section
+
+Real gradients (``--quality-steps``, default 150; 0 skips): the tiny recipe
+(``recipes/configs/tiny.yaml``: its corpus, tokenizer, model and GaLore settings, rank 16,
+a refresh every 50 steps) trains with exact refreshes; at each refresh step, for every projected
+weight, the captured energy ``||P(G)||^2 / ||G||^2`` of that step's gradient is computed for the
+exact top-r basis, a randomized one and a warm one (one iteration from the basis the optimizer
+held, i.e. the previous refresh's), and reported as a share of the exact one.  Then the recipe
+runs once per method and seed (``--quality-seeds``) and the validation losses are compared.
 
 Results go to ``benchmarks/results/refresh_cost_<cpu|cuda>.md`` (``--no-write`` prints only;
 ``--json`` writes the timings too).  On CUDA every timed run is synchronised.  Wall times on a
@@ -33,6 +47,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 
 import torch
@@ -40,11 +55,14 @@ import torch
 import lowrank_optim as lo
 from benchmarks._common import machine, write_result
 from lowrank_optim.memory import state_bytes
+from lowrank_optim.projectors import fast_svd
+from lowrank_optim.projectors import svd as svd_projector
 
 #: (rows, cols) of LLaMA weights and the GaLore paper's rank for that model size
 DEFAULT_SHAPES = ["512x512", "1024x1024", "2048x2048", "4096x4096", "4096x11008"]
 PAPER_RANKS = {512: 128, 1024: 256, 2048: 512, 4096: 1024}
-METHODS = ("svd", "dct matmul", "dct fft")
+METHODS = ("svd", "svd randomized", "svd warm", "dct matmul", "dct fft")
+SVD_METHODS = {"svd": "exact", "svd randomized": "randomized", "svd warm": "warm"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
@@ -82,8 +100,8 @@ def time_refresh(fn, repeats: int, slow_s: float,
 
 def make_optimizer(method: str, param: torch.nn.Parameter, rank: int) -> lo.LowRankOptimizer:
     group = {"params": [param], "rank": rank, "update_proj_gap": None, "scale": 0.25}
-    if method == "svd":
-        return lo.GaLoreAdamW([group], lr=1e-3)
+    if method in SVD_METHODS:
+        return lo.GaLoreAdamW([group], lr=1e-3, svd_method=SVD_METHODS[method])
     return lo.DCTAdamW([group], lr=1e-3, score_route=method.split()[-1])
 
 
@@ -99,7 +117,12 @@ def measure(shape: tuple[int, int], rank: int, svd_max: int, repeats: int, slow_
         param = torch.nn.Parameter(torch.zeros(shape, device=dev, dtype=dtype))
         opt = make_optimizer(method, param, rank)
         group, state = opt.param_groups[0], opt.state[param]
-        if method != "svd":
+        if method == "svd warm":  # a current basis to start from (values do not matter)
+            for side in opt.projector.sides(shape, group):
+                size = shape[0] if side == "left" else shape[1]
+                basis = fast_svd.orthonormalize(torch.randn(size, rank).to(dev))
+                state[f"proj_{side}"] = (basis if side == "left" else basis.t()).to(dtype)
+        if method not in SVD_METHODS:
             _, n = lo.projectors.dct_side(shape)
             _sync(dev)
             t0 = time.perf_counter()
@@ -126,18 +149,22 @@ def ratio(a: dict | None, b: dict | None) -> str:
 
 
 def table(rows: list[dict]) -> str:
+    names = {"svd": "exact SVD", "svd randomized": "randomized", "svd warm": "warm",
+             "dct matmul": "DCT matmul", "dct fft": "DCT FFT"}
     lines = [
-        "| shape | rank | SVD ms | DCT matmul ms | DCT FFT ms | SVD / matmul | SVD / FFT "
-        "| matmul / FFT | runs (svd, mm, fft) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| shape | rank | " + " | ".join(f"{names[m]} ms" for m in METHODS)
+        + " | exact / randomized | exact / warm | exact / DCT FFT | matmul / FFT "
+        "| runs (" + ", ".join(names[m] for m in METHODS) + ") |",
+        "|---|---|" + "---|" * (len(METHODS) + 5),
     ]
     for r in rows:
-        svd, mm, fft = (r[m] for m in METHODS)
+        cells = [fmt_ms(r[m]["s"]) if r[m] else "skipped" for m in METHODS]
         runs = ", ".join(str(r[m]["runs"]) if r[m] else "-" for m in METHODS)
         lines.append(
-            f"| {r['shape'][0]} x {r['shape'][1]} | {r['rank']} "
-            f"| {fmt_ms(svd['s']) if svd else 'skipped'} | {fmt_ms(mm['s'])} | {fmt_ms(fft['s'])} "
-            f"| {ratio(svd, mm)} | {ratio(svd, fft)} | {ratio(mm, fft)} | {runs} |"
+            f"| {r['shape'][0]} x {r['shape'][1]} | {r['rank']} | " + " | ".join(cells)
+            + f" | {ratio(r['svd'], r['svd randomized'])} | {ratio(r['svd'], r['svd warm'])} "
+            f"| {ratio(r['svd'], r['dct fft'])} | {ratio(r['dct matmul'], r['dct fft'])} "
+            f"| {runs} |"
         )
     lines += [
         "",
@@ -189,6 +216,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
                         help="gradient dtype (the SVD runs in fp32 either way)")
     parser.add_argument("--json", default=None, help="write the timings here as JSON")
+    parser.add_argument("--quality-steps", type=int, default=150,
+                        help="steps of the tiny recipe for the real-gradient energies (0: skip)")
+    parser.add_argument("--quality-seeds", type=int, nargs="*", default=[0, 1],
+                        help="seeds of the tiny-recipe runs per SVD method (none: skip)")
+    parser.add_argument("--quality-only", action="store_true",
+                        help="only the real-gradient section (no timing table)")
+    parser.add_argument("--cache-dir", default=None,
+                        help="the recipe's corpus and tokenizer cache (default: the recipe's)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -201,7 +236,7 @@ def main(argv: list[str] | None = None) -> None:
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     rows = []
-    for shape in shapes:
+    for shape in [] if args.quality_only else shapes:
         rank = args.rank or PAPER_RANKS.get(min(shape), max(1, min(shape) // 4))
         row = measure(shape, rank, args.svd_max, args.repeats, args.slow_s,
                       device=args.device, dtype=DTYPES[args.dtype])
@@ -231,16 +266,142 @@ def main(argv: list[str] | None = None) -> None:
     if skipped:
         notes.append(f"SVD skipped (min dim > --svd-max={args.svd_max}) for: "
                      f"{', '.join(skipped)}; its bytes are computed analytically.")
-    body = "\n\n".join(notes) + "\n\n" + table(rows)
+    body = "\n\n".join(notes) + "\n\n" + table(rows) if rows else ""
+    if device.type == "cpu" and not args.quick and (args.quality_steps or args.quality_seeds):
+        cache = {"cache_dir": args.cache_dir} if args.cache_dir else {}
+        energy = (real_gradient_energy(args.quality_steps, **cache) if args.quality_steps
+                  else [])
+        with tempfile.TemporaryDirectory() as out_dir:
+            losses = (recipe_val_losses(args.quality_seeds, out_dir, **cache)
+                      if args.quality_seeds else {})
+        body = (body + "\n\n" if body else "") + quality_section(energy, losses)
     print("\n" + body)
     if not args.no_write:
-        if device.type == "cpu":
-            path = write_result("refresh_cost_cpu", "Subspace refresh cost on CPU: SVD vs DCT",
-                                body)
-        else:
-            path = write_result("refresh_cost_cuda", "Subspace refresh cost on GPU: SVD vs DCT",
-                                body)
+        name = "refresh_cost_cpu" if device.type == "cpu" else "refresh_cost_cuda"
+        if args.quality_only:
+            name += "_quality"
+        where = "CPU" if device.type == "cpu" else "GPU"
+        path = write_result(name, f"Subspace refresh cost on {where}: SVD (exact, randomized, "
+                            "warm) vs DCT", body)
         print(f"\nwrote {path}")
+
+
+TINY_CONFIG = "recipes/configs/tiny.yaml"
+
+
+def _tiny_settings(optimizer_kwargs: dict | None = None, **settings) -> list[str]:
+    flags = ["--config", TINY_CONFIG, "--optimizer", "galore_adamw"]
+    if optimizer_kwargs:
+        flags += ["--optimizer-kwargs", json.dumps(optimizer_kwargs)]
+    for key, value in settings.items():
+        flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+@torch.no_grad()
+def _energies(opt: lo.LowRankOptimizer, step: int) -> list[dict[str, float]]:
+    """Captured energy of each projected weight's current gradient: exact, randomized and warm
+    (from the basis the optimizer holds), computed beside the optimizer (its state is left
+    alone)."""
+    out = []
+    for name, p, group in opt.projected_params():
+        state = opt.state.get(p, {})
+        if p.grad is None or not opt.projector.has_subspace(state):
+            continue
+        g, rank = p.grad.float(), group["rank"]
+        sides = opt.projector.sides(g.shape, group)
+        u, _, vh = torch.linalg.svd(g, full_matrices=False)
+        exact = {"left": u[:, :rank], "right": vh[:rank]}
+        gen = torch.Generator().manual_seed(svd_projector.refresh_seed(group, step))
+        stale = {s: state[f"proj_{s}"].float() for s in sides}
+        oversample = svd_projector.SVD_DEFAULTS["svd_oversample"]
+        iters = svd_projector.DEFAULT_POWER_ITERS
+        bases = {
+            "exact": {s: exact[s] for s in sides},
+            "randomized": fast_svd.randomized_bases(g, rank, sides, oversample,
+                                                    iters["randomized"], gen),
+            "warm": fast_svd.warm_bases(g, stale, iters["warm"]),
+            "warm (1 iteration)": fast_svd.warm_bases(g, stale, 1),
+            "stale": stale,
+        }
+        energy = {k: float(opt.projector.captured_energy(g, {f"proj_{s}": b for s, b in v.items()},
+                                                         group)) for k, v in bases.items()}
+        out.append({"name": name, "step": step, **energy})
+    return out
+
+
+def real_gradient_energy(steps: int, **cache: str) -> list[dict[str, float]]:
+    """Train the tiny recipe's GaLore run (exact refreshes) for ``steps`` steps and measure
+    :func:`_energies` at each of its refresh steps (the gradient a refresh would see)."""
+    from recipes import config, pretrain
+
+    cfg = config.parse_args(_tiny_settings(max_steps=steps, **cache))
+    data = pretrain.load_data(cfg)
+    torch.manual_seed(cfg.seed)
+    model, opt = pretrain.build_optimizer(cfg, pretrain.build_model(cfg, data.vocab_size))
+    scheduler = pretrain.build_scheduler(cfg, opt)
+    gap = opt.param_groups[0]["update_proj_gap"]
+    rows = []
+    for step in range(steps):
+        ids = data.train.samples(step * cfg.batch_size, cfg.batch_size)
+        opt.zero_grad()
+        model(input_ids=ids, labels=ids).loss.backward()
+        if step % gap == 0:
+            rows += _energies(opt, step)
+        opt.step()
+        scheduler.step()
+    return rows
+
+
+def recipe_val_losses(seeds: list[int], out_dir: str, **cache: str) -> dict[str, list[float]]:
+    """Validation loss of the tiny recipe (its full length) per SVD method and seed."""
+    from recipes import pretrain
+
+    losses: dict[str, list[float]] = {}
+    for method in ("exact", "randomized", "warm"):
+        for seed in seeds:
+            summary = pretrain.main(_tiny_settings(
+                {"svd_method": method}, seed=seed, **cache,
+                output_dir=os.path.join(out_dir, f"{method}-{seed}")))
+            losses.setdefault(method, []).append(summary["val_loss"])
+            print(f"tiny recipe, {method}, seed {seed}: val loss {summary['val_loss']:.4f}",
+                  flush=True)
+    return losses
+
+
+def quality_section(energy: list[dict[str, float]], losses: dict[str, list[float]]) -> str:
+    lines = ["## Real gradients: the tiny recipe", ""]
+    if energy:
+        def share(key: str) -> list[float]:
+            return [r[key] / r["exact"] for r in energy]
+
+        steps = sorted({r["step"] for r in energy})
+        lines += [
+            f"Captured energy of the gradient at each refresh step ({len(steps)} refreshes, "
+            f"steps {steps}, {len(energy) // max(len(steps), 1)} projected weights each, rank "
+            "16; GaLore with exact refreshes trains, the cheap bases are computed beside it) as "
+            "a share of the exact top-r basis's; default settings (randomized: "
+            f"{svd_projector.DEFAULT_POWER_ITERS['randomized']} power iteration(s), "
+            f"{svd_projector.SVD_DEFAULTS['svd_oversample']} extra samples; warm: "
+            f"{svd_projector.DEFAULT_POWER_ITERS['warm']} iterations). `stale` is the basis "
+            "the optimizer held (the previous refresh's), what `warm` iterates from.", "",
+            "| method | min share of exact | median share | mean captured energy |",
+            "|---|---|---|---|",
+        ]
+        lines.append(f"| exact | 1.000 | 1.000 | "
+                     f"{statistics.mean(r['exact'] for r in energy):.3f} |")
+        for key in ("randomized", "warm", "warm (1 iteration)", "stale"):
+            lines.append(f"| {key} | {min(share(key)):.4f} | "
+                         f"{statistics.median(share(key)):.4f} | "
+                         f"{statistics.mean(r[key] for r in energy):.3f} |")
+    if losses:
+        lines += ["", "Validation loss of the tiny recipe (`recipes/configs/tiny.yaml`, "
+                  "GaLore, full length) per refresh method; one run per seed.", "",
+                  "| method | val loss per seed | mean | spread (max - min) |", "|---|---|---|---|"]
+        for method, values in losses.items():
+            lines.append(f"| {method} | {', '.join(f'{v:.4f}' for v in values)} | "
+                         f"{statistics.mean(values):.4f} | {max(values) - min(values):.4f} |")
+    return "\n".join(lines)
 
 
 def write_json(path: str, rows: list[dict], args: argparse.Namespace, complete: bool) -> None:

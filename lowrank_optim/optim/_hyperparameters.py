@@ -85,8 +85,8 @@ svd_method, svd_oversample, svd_power_iters, svd_seed
     How a refresh computes the basis (group keys, see
     :class:`lowrank_optim.projectors.SVDProjector`): ``"exact"`` (default,
     ``torch.linalg.svd``, galore-torch's refresh), ``"randomized"`` (seeded range finder with
-    ``svd_oversample`` extra samples and ``svd_power_iters`` power iterations, default 2) or
-    ``"warm"`` (``svd_power_iters`` subspace iterations from the current basis, default 1;
+    ``svd_oversample`` extra samples and ``svd_power_iters`` power iterations, default 1) or
+    ``"warm"`` (``svd_power_iters`` subspace iterations from the current basis, default 2;
     the first refresh is exact).  Several times to twenty times cheaper than exact on large
     weights; see ``benchmarks/results/refresh_cost_cpu.md``.""",
     "dct": """\

@@ -152,6 +152,7 @@ class DCTProjector(Projector):
         check_int_at_least("fft_min_size", fft_min_size, 1)
         self.fft_min_size = fft_min_size
         self._bases: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
+        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
 
     # -- shared bases ---------------------------------------------------------------------
     def basis(self, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -164,6 +165,25 @@ class DCTProjector(Projector):
     def shared_buffers(self) -> list[torch.Tensor]:
         """The bases this projector instance built: one per (size, device, dtype) in use."""
         return list(self._bases.values())
+
+    def fft_scratch(self, grad: torch.Tensor, side: str) -> torch.Tensor | None:
+        """Spectrum buffer of the FFT route for ``grad`` (a view of one CPU scratch per dtype).
+
+        On the CPU a fresh tensor above the allocator's mmap threshold (32 MB) costs page faults
+        on every refresh (a 32000 x 512 head: ~15 ms of a ~30 ms transform), so the refreshes
+        share one buffer sized to the largest spectrum seen: scratch, not optimizer state (it
+        holds nothing between refreshes, is not saved and not in :meth:`shared_buffers`).
+        Elsewhere ``None``: the CUDA caching allocator already reuses the memory.
+        """
+        if grad.device.type != "cpu":
+            return None
+        rows, n = grad.shape if side == "right" else grad.shape[::-1]
+        dtype = torch.complex128 if grad.dtype == torch.float64 else torch.complex64
+        size, key = rows * (n // 2 + 1), (grad.device, dtype)
+        buf = self._scratch.get(key)
+        if buf is None or buf.numel() < size:
+            buf = self._scratch[key] = torch.empty(size, dtype=dtype, device=grad.device)
+        return buf[:size].view(rows, n // 2 + 1)
 
     # -- settings ---------------------------------------------------------------------------
     def validate(self, param: torch.Tensor, group: dict, label: str) -> None:
@@ -242,13 +262,20 @@ class DCTProjector(Projector):
     def _refresh(self, grad: torch.Tensor, state: dict, group: dict, shape: tuple[int, ...],
                  all_reduce: Callable[[torch.Tensor], object] | None,
                  rule: Rule) -> torch.Tensor:
-        side, _ = dct_side(shape, group.get("proj_type", "std"))
+        side, n = dct_side(shape, group.get("proj_type", "std"))
         acc = self._with_error(grad, state, group)
-        coeffs = self.coefficients(acc, group)
         norm = _opt(group, "score_norm")
-        scores = kernels.dct_scores(coeffs, side, norm)
-        if all_reduce is not None:  # partial scores of a row shard: make them additive
-            scores = scores.float().square() if norm == "l2" else scores.float()
+        positions = None
+        if self.route(n, group) == "fft":  # packed coefficients and additive scores, one pass
+            coeffs, scores, positions = kernels.dct_fft_coefficients(
+                acc, side, norm, self.fft_scratch(acc, side))
+        else:
+            coeffs = self.coefficients(acc, group)
+            scores = kernels.dct_scores(coeffs, side, norm)
+            if all_reduce is not None:  # partial scores of a row shard: make them additive
+                scores = scores.float().square() if norm == "l2" else scores
+        if all_reduce is not None:
+            scores = scores.float()
             all_reduce(scores)
         idx = self.top(scores, group["rank"])
         old = state.get("proj_idx")
@@ -257,7 +284,8 @@ class DCTProjector(Projector):
         state["proj_idx"] = idx
         if "proj_shape" not in state:
             state["proj_shape"] = torch.tensor(shape, dtype=torch.int64)
-        low = kernels.gather_lowrank(coeffs, idx, side).to(grad.dtype)
+        where = idx if positions is None else positions.index_select(0, idx)
+        low = kernels.gather_lowrank(coeffs, where, side).to(grad.dtype)
         self._store_error(acc, low, state, group)
         return low
 
@@ -299,11 +327,14 @@ class DCTProjector(Projector):
         side: str,
     ) -> None:
         """Have ``rule`` re-express its moments in the new selection (rank axis: the
-        low-rank gradient's columns on the right, its rows on the left)."""
+        low-rank gradient's columns on the right, its rows on the left).
+
+        The rotation by :meth:`rotation` is a 0/1 partial permutation, so it is applied as the
+        index remap :func:`~lowrank_optim.kernels.remap_lowrank` (a gather of the kept slots
+        and zeros for the new ones), not as an ``r x r`` matmul.
+        """
         def rotate(value: torch.Tensor, axis: int) -> torch.Tensor:
-            rot = self.rotation(old.to(value.device), new.to(value.device), value.dtype)
-            return kernels.rotate_lowrank(value, rot, "right" if axis == value.dim() - 1
-                                          else "left")
+            return kernels.remap_lowrank(value, old.to(value.device), new.to(value.device), axis)
 
         rule.map_moments(state, group, 1 if side == "right" else 0, rotate)
 

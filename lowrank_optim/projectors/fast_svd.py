@@ -10,8 +10,12 @@ methods here are block power (subspace) iterations built from GEMMs and thin QRs
   (SVD of the small ``(r + p) x n`` matrix ``Q^T G``) gives ranked singular vectors;
 * :func:`warm_bases` (subspace iteration from the current basis, as GaLore 2 and LDAdam
   refresh): ``q`` iterations ``U <- orth(G G^T U)`` started from the previous refresh's basis,
-  which training keeps close to the new one, so one iteration already captures nearly what
-  an exact SVD does; no random numbers at all.
+  so the iteration starts near the answer when the subspace drifts slowly; no random numbers.
+  Without oversampling it converges slower than the randomized finder when the subspace moves
+  a lot between refreshes (``benchmarks/results/refresh_cost_cpu.md`` measures both).
+
+Products alternate with cheap re-conditioning (Cholesky QR, :func:`_condition`); returned
+bases are finished by a Householder QR (:func:`orthonormalize`).
 
 Bases follow :mod:`lowrank_optim.kernels`' convention: ``"left"`` is ``(m, r)`` with
 orthonormal columns, ``"right"`` is ``(r, n)`` with orthonormal rows.  Both functions are
@@ -33,11 +37,29 @@ def orthonormalize(y: torch.Tensor) -> torch.Tensor:
     return q * torch.where(signs == 0, torch.ones_like(signs), signs)
 
 
-def _power(g: torch.Tensor, y: torch.Tensor, iterations: int) -> torch.Tensor:
-    """``iterations`` steps ``y <- orth(G orth(G^T y))``: orthonormal ``(m, k)``."""
-    for _ in range(iterations):
-        y = orthonormalize(g @ orthonormalize(g.t() @ y))
-    return y
+def _condition(y: torch.Tensor) -> torch.Tensor:
+    """Well-conditioned columns spanning ``y``'s, for the inside of a power iteration: one
+    Cholesky QR (``y R^-1`` with ``R^T R = y^T y``; a GEMM, a small Cholesky and a triangular
+    solve, about three times cheaper than Householder on CPU), Householder where the Gram
+    matrix is numerically singular.  Not orthonormal to working precision (its error grows
+    with ``cond(y)^2``), which the next product does not need; returned bases are always
+    finished by :func:`orthonormalize`."""
+    factor, info = torch.linalg.cholesky_ex(y.t() @ y, upper=True)
+    if int(info) != 0:
+        return torch.linalg.qr(y).Q
+    return torch.linalg.solve_triangular(factor, y, upper=True, left=False)
+
+
+def _power(g: torch.Tensor, y: torch.Tensor, iterations: int,
+           orthonormal_start: bool = False) -> torch.Tensor:
+    """``iterations`` steps ``y <- G G^T y``, re-conditioned before each product
+    (:func:`_condition`; not the first when ``y`` is already orthonormal), then orthonormalised:
+    orthonormal ``(m, k)``."""
+    for i in range(iterations):
+        if i or not orthonormal_start:
+            y = _condition(y)
+        y = g @ _condition(g.t() @ y)
+    return orthonormalize(y)
 
 
 def _ritz(g: torch.Tensor, y: torch.Tensor, rank: int,
@@ -69,7 +91,7 @@ def randomized_bases(g: torch.Tensor, rank: int, sides: tuple[str, ...], oversam
     a = g.t() if transpose else g
     k = min(rank + oversample, m, n)
     omega = torch.randn(a.shape[1], k, generator=generator, device=g.device, dtype=g.dtype)
-    y = _power(a, orthonormalize(a @ omega), power_iters)
+    y = _power(a, a @ omega, power_iters)
     bases = _ritz(a, y, rank, ("left",) if transpose else sides)
     return {"right": bases["left"].t()} if transpose else bases
 
@@ -84,9 +106,9 @@ def warm_bases(g: torch.Tensor, previous: dict[str, torch.Tensor], iterations: i
     the left basis is iterated and both come from its Rayleigh-Ritz step.
     """
     if "left" in previous:
-        y = _power(g, previous["left"], iterations)
+        y = _power(g, previous["left"], iterations, orthonormal_start=True)
         if "right" not in previous:
             return {"left": y}
         return _ritz(g, y, previous["left"].shape[1], ("left", "right"))
-    y = _power(g.t(), previous["right"].t(), iterations)
+    y = _power(g.t(), previous["right"].t(), iterations, orthonormal_start=True)
     return {"right": y.t()}
