@@ -151,7 +151,9 @@ def _triton_module(name: str, on_cuda: bool) -> ModuleType:
 
 def _impl(name: str, backend: str | None, *tensors: torch.Tensor) -> Callable:
     """The implementation of operation ``name`` for this call."""
-    if backend is None and _backend == "torch":
+    choice = _backend if backend is None else backend
+    # the common cases without a look at every tensor: forced reference, or auto off CUDA
+    if choice == "torch" or (choice == "auto" and not tensors[0].is_cuda):
         return getattr(reference, name)
     if use_triton(*tensors, backend=backend):
         return getattr(_triton_module(name, all(t.is_cuda for t in tensors)), name)
