@@ -110,10 +110,8 @@ MUTANTS: list[Mutant] = [
       "projectors=sb.indices,\n        indices=sb.projectors,",
       PROFILE, "the profiler swaps projector and index bytes", issue_table=True),
     M("8bit-v-dequantised-signed", "lowrank_optim/kernels/reference.py",
-      "v = dequantize_blockwise(exp_avg_sq_codes, exp_avg_sq_absmax, block_size, code,\n"
-      "                             signed=False)",
-      "v = dequantize_blockwise(exp_avg_sq_codes, exp_avg_sq_absmax, block_size, code,\n"
-      "                             signed=True)",
+      "v_table = blockwise.table(code, False, grad.device)",
+      "v_table = blockwise.table(code, True, grad.device)",
       (*LOWBIT, *OPT8), "8-bit Adam dequantises exp_avg_sq with the signed table",
       issue_table=True),
     M("dynamic-table-fewer-decades", "lowrank_optim/kernels/blockwise.py",
@@ -242,7 +240,8 @@ MUTANTS: list[Mutant] = [
       "        mids[0] = 0.0\n", "        pass\n",
       (*LOWBIT, *OPT8), "small positive second moments are stored as zero"),
     M("absmax-ignores-negatives", "lowrank_optim/kernels/blockwise.py",
-      "absmax = torch.maximum(high, low.neg_())", "absmax = high",
+      "absmax = torch.maximum(high, low.neg_(), out=absmax)",
+      "absmax = torch.maximum(high, high, out=absmax)",
       LOWBIT, "block scale from the maximum, not the largest magnitude"),
     M("linear-table-128", "lowrank_optim/kernels/blockwise.py",
       "torch.arange(-127, 128) / 127.0", "torch.arange(-127, 128) / 128.0",
@@ -256,8 +255,8 @@ MUTANTS: list[Mutant] = [
       "return numel + num_blocks(numel, block_size)",
       ("tests/test_quantization.py", *OPT8), "8-bit size formula counts 1-byte scales"),
     M("8bit-m-requantised-unsigned", "lowrank_optim/kernels/reference.py",
-      "quantize_blockwise(m, block_size, code, True, out=(exp_avg_codes, exp_avg_absmax))",
-      "quantize_blockwise(m, block_size, code, False, out=(exp_avg_codes, exp_avg_absmax))",
+      "blockwise.quantize_chunk(chunk, 0, code, True, m_codes[elems], m_absmax[blocks])",
+      "blockwise.quantize_chunk(chunk, 0, code, False, m_codes[elems], m_absmax[blocks])",
       (*LOWBIT, *OPT8), "first moment requantised with the unsigned table"),
     # -- projectors ----------------------------------------------------------------------------
     M("galore-square-goes-left", "lowrank_optim/projectors/svd.py",

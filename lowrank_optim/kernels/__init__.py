@@ -13,13 +13,16 @@ This package is a leaf: it imports nothing from the rest of ``lowrank_optim``.
 Sides: ``"right"`` uses a basis ``P`` of shape ``(r, n)`` and maps ``G (m, n) -> G P^T (m, r)``;
 ``"left"`` uses ``P`` of shape ``(m, r)`` and maps ``G -> P^T G (r, n)``.
 The DCT projector passes the full DCT basis and integer indices instead (``*_indexed``,
-``dct2_fft``, ``dct_scores``, ``dct_scores_matmul``, ``gather_lowrank``, ``rotate_lowrank``).
+``dct2_fft`` and its packed FFT route ``dct2_fft_rows`` / ``dct_fft_coefficients`` /
+``dct_fft_plan``, ``dct_scores``, ``dct_scores_matmul``, ``gather_lowrank``, ``rotate_lowrank``
+and its index form ``selection_remap`` / ``remap_lowrank_``).
 SST's sampled singular vectors use ``gather_lowrank`` (columns) and ``scatter_add_columns_``.
 8-bit optimizer state (``bits=8``): ``adam_update_8bit`` (dequantise -> Adam -> requantise,
 one fused kernel on CUDA), ``quantize_blockwise`` and ``dequantize_blockwise`` (the torch path
 is :mod:`lowrank_optim.kernels.blockwise`, the numeric specification of the codes).
-Operations without a Triton kernel (``dct2_fft``, ``dct_scores``, ``rotate_lowrank``,
-``scatter_add_columns_``, ``decoupled_decay``) are the reference functions themselves.
+Operations without a Triton kernel (the FFT route, ``dct_scores``, ``rotate_lowrank``,
+``remap_lowrank_``, ``scatter_add_columns_``, ``decoupled_decay``) are the reference functions
+themselves.
 """
 
 from lowrank_optim.kernels.dispatch import (
@@ -45,10 +48,15 @@ from lowrank_optim.kernels.dispatch import (
 )
 from lowrank_optim.kernels.reference import (
     dct2_fft,
+    dct2_fft_rows,
+    dct_fft_coefficients,
+    dct_fft_plan,
     dct_scores,
     decoupled_decay,
+    remap_lowrank_,
     rotate_lowrank,
     scatter_add_columns_,
+    selection_remap,
 )
 
 __all__ = [
@@ -57,6 +65,9 @@ __all__ = [
     "adam_update_8bit",
     "current_backend",
     "dct2_fft",
+    "dct2_fft_rows",
+    "dct_fft_coefficients",
+    "dct_fft_plan",
     "dct_scores",
     "dct_scores_matmul",
     "decoupled_decay",
@@ -70,9 +81,11 @@ __all__ = [
     "project_back_update",
     "project_indexed",
     "quantize_blockwise",
+    "remap_lowrank_",
     "requested_backend",
     "rotate_lowrank",
     "scatter_add_columns_",
+    "selection_remap",
     "set_backend",
     "update_param",
     "use_triton",

@@ -4,8 +4,8 @@ A tensor is split into blocks of ``block_size`` consecutive elements (flattened)
 stores one fp32 ``absmax`` and one uint8 code per element indexing a 256-entry table of values
 in [-1, 1] (signed) or [0, 1] (unsigned).  Dequantised value = ``table[code] * absmax``; a
 value is quantised to the nearest table entry: its code is the number of the table's
-midpoints below it (``torch.bucketize``), found through a lookup table on the float's bits
-(:func:`codes_of`, several times faster than a binary search on CPU, same codes).
+midpoints below it (``torch.bucketize``), found through a lookup table on the float's top 16
+bits (:func:`codes_of`, several times faster than a binary search on CPU, same codes).
 
 Two tables:
 
@@ -33,6 +33,15 @@ the fp32 directions at the corners ``M -/+ e_M``, ``V +/- e_V`` of that box
 ``1 / eps``, and an element whose moments are zero gets exactly zero update.
 
 Codes and scales are plain tensors (uint8 + fp32), so a quantised state is tensors only.
+Computation: :func:`quantize` and :func:`dequantize` (and the fused 8-bit Adam step,
+:func:`lowrank_optim.kernels.reference.adam_update_8bit`, built from :func:`quantize_chunk`
+and :func:`dequantize_chunk`) walk a tensor in chunks of whole blocks (:class:`Workspace`): on
+CPU every pass over a chunk runs before the next chunk, on scratch that stays in cache and is
+reused from call to call, instead of one pass over the whole tensor per operation with fresh
+full-size temporaries.  Every operation is elementwise or per block, so the codes and scales
+do not depend on the chunk size (``tests/test_8bit_speed_equivalence.py`` checks the bits
+against the whole-tensor formulation).
+
 This module is the specification: :func:`lowrank_optim.kernels.quantize_blockwise` /
 :func:`~lowrank_optim.kernels.dequantize_blockwise` run it on the torch backend, and the
 Triton kernels (:mod:`lowrank_optim.kernels.triton_quant`) read the same :func:`table` and
@@ -46,6 +55,8 @@ the rest of the package.
 from __future__ import annotations
 
 import math
+import threading
+from collections.abc import Iterator
 from functools import cache
 
 import torch
@@ -113,44 +124,67 @@ def midpoints(code: str, signed: bool, device: torch.device | str = "cpu") -> to
     return _device_midpoints(code, signed, torch.device(device))
 
 
-def _order_key(x: torch.Tensor) -> torch.Tensor:
-    """int32 keys of fp32 ``x`` ordered like the floats (sign-magnitude -> two's complement)."""
-    bits = x.view(torch.int32)
-    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+#: elements one CPU chunk holds (rounded down to whole blocks, at least one): the loops of
+#: :func:`quantize`, :func:`dequantize` and the fused 8-bit Adam step
+#: (:func:`lowrank_optim.kernels.reference.adam_update_8bit`) run every pass on one chunk
+#: before the next, so their few fp32 / int32 temporaries of this length stay in the core's
+#: cache and are reused; whole-tensor temporaries would each cost a pass through memory (and,
+#: above a few tens of MB, fresh pages).  Other devices take the whole tensor as one chunk.
+CHUNK_ELEMENTS = 1 << 18
+#: the number of buckets of :func:`codes_of`: one per value of an fp32's top 16 bits
+_BUCKETS = 1 << 16
 
 
 @cache
 def _bucket_lut(code: str, signed: bool, device: torch.device
-                ) -> tuple[int, int, torch.Tensor, torch.Tensor]:
-    """``(shift, offset, lut, midpoints + [inf])`` for :func:`codes_of`.
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(below, boundary)`` for :func:`codes_of`: 65536 entries each, indexed by an fp32's top
+    16 bits read as an unsigned number (sign, exponent and 7 mantissa bits).
 
-    The keys of [-1, 1] are cut into buckets of ``2**shift`` consecutive floats (the top
-    exponent and mantissa bits), fine enough that no bucket holds two midpoints; ``lut[b]``
-    counts the midpoints below bucket ``b``.
+    The floats sharing those bits (a *bucket*) are an interval; ``below[u]`` (uint8) counts
+    the midpoints below bucket ``u`` and ``boundary[u]`` (fp32) is the next midpoint
+    (``+inf`` past the last), the only one that can lie inside the bucket: no bucket of
+    [-1, 1] holds two midpoints (checked here).  Buckets past +-1 (also +-inf and NaN) take
+    the entries of the bucket of +-1.
     """
     mids = _device_midpoints(code, signed, torch.device("cpu")).contiguous()
-    keys = _order_key(mids)
-    shift = next(s for s in range(16, -1, -1)
-                 if bool(((keys[1:] >> s) > (keys[:-1] >> s)).all()))
-    lo = int(_order_key(torch.tensor([-1.0]))[0]) >> shift
-    hi = int(_order_key(torch.tensor([1.0]))[0]) >> shift
-    first_keys = torch.arange(lo, hi + 1, dtype=torch.int64) << shift
-    lut = torch.searchsorted(keys.long(), first_keys).to(torch.int32)
-    padded = torch.cat([mids, torch.full((1,), math.inf)])
-    return shift, lo, lut.to(device), padded.to(device)
+    tops = mids.view(torch.int32) >> 16
+    assert bool((tops[1:] != tops[:-1]).all()), f"{code} table: two midpoints share a bucket"
+    top = torch.arange(_BUCKETS, dtype=torch.int32)
+    one = int(torch.tensor(1.0).view(torch.int32)) >> 16  # the bucket of 1.0 (0x3F80)
+    sign = _BUCKETS // 2
+    top = torch.where(top % sign > one, top - top % sign + one, top)  # past +-1: +-1's bucket
+    # the lowest float of each bucket: low bits 0 for a positive one, all ones for a negative
+    lowest = ((top << 16) | (top >= sign).int() * 0xFFFF).view(torch.float32)
+    below = torch.searchsorted(mids, lowest)  # midpoints < lowest
+    boundary = torch.cat([mids, torch.full((1,), math.inf)])[below]
+    return below.to(torch.uint8).to(device), boundary.to(device)
+
+
+def _codes_into(normed: torch.Tensor, out: torch.Tensor, code: str, signed: bool,
+                index: torch.Tensor, boundary: torch.Tensor, above: torch.Tensor) -> None:
+    """Write the codes of the contiguous fp32 ``normed`` into the uint8 ``out`` (same length);
+    ``index`` (int32), ``boundary`` (fp32) and ``above`` (bool) are scratch of that length."""
+    below, bounds = _bucket_lut(code, signed, normed.device)
+    torch.bitwise_right_shift(normed.view(torch.int32), 16, out=index).bitwise_and_(0xFFFF)
+    torch.index_select(below, 0, index, out=out)
+    torch.gt(normed, torch.index_select(bounds, 0, index, out=boundary), out=above)
+    out.add_(above.view(torch.uint8))  # bool as 0 / 1 bytes
 
 
 def codes_of(normed: torch.Tensor, code: str, signed: bool) -> torch.Tensor:
     """int32 codes of fp32 values in [-1, 1]: ``torch.bucketize(normed, midpoints(...))``.
 
-    One table lookup on the value's top bits gives the midpoints below its bucket; one
-    comparison with the only midpoint that can share the bucket finishes the count.
+    One table lookup on the value's top 16 bits (its bucket) gives the number of midpoints
+    below the bucket, one comparison with the only midpoint that can lie inside it finishes
+    the count: several times faster than a binary search on CPU, same codes.
     """
-    shift, lo, lut, padded = _bucket_lut(code, signed, normed.device)
-    flat = normed.reshape(-1)
-    bucket = (_order_key(flat) >> shift).sub_(lo).clamp_(0, lut.numel() - 1)
-    below = lut.index_select(0, bucket)
-    return below.add_(flat > padded.index_select(0, below)).view(normed.shape)
+    flat = normed.reshape(-1).contiguous()
+    out = torch.empty(flat.shape, dtype=torch.uint8, device=flat.device)
+    _codes_into(flat, out, code, signed, torch.empty(flat.shape, dtype=torch.int32,
+                                                     device=flat.device),
+                torch.empty_like(flat), torch.empty_like(out, dtype=torch.bool))
+    return out.int().view(normed.shape)
 
 
 def zero_code(code: str, signed: bool) -> int:
@@ -170,11 +204,150 @@ def _blocks(x: torch.Tensor, block_size: int) -> torch.Tensor:
     return (torch.nn.functional.pad(flat, (0, pad)) if pad else flat).view(-1, block_size)
 
 
+class _Buffers:
+    """Scratch of one chunk of up to ``capacity`` elements (and as many blocks)."""
+
+    def __init__(self, capacity: int, device: torch.device):
+        def empty(dtype: torch.dtype) -> torch.Tensor:
+            return torch.empty(capacity, dtype=dtype, device=device)
+
+        self.capacity = capacity
+        self.moments = [empty(torch.float32) for _ in range(2)]  # the values of two tensors
+        self.index, self.boundary, self.above = (empty(torch.int32), empty(torch.float32),
+                                                 empty(torch.bool))
+        self.high, self.low, self.scale = (empty(torch.float32) for _ in range(3))
+
+
+#: per thread: CPU scratch buffers not in use, reused by the next loop (fresh buffers would
+#: cost fresh pages on every call)
+_POOL = threading.local()
+
+
+class Chunk:
+    """Views of the scratch for one chunk: ``count`` elements in ``blocks`` blocks (fewer
+    than ``blocks * block_size`` elements only for a tensor's last chunk)."""
+
+    def __init__(self, buffers: _Buffers, count: int, blocks: int, block_size: int):
+        padded = blocks * block_size
+        self.count, self.blocks = count, blocks
+        #: each tensor's values (the elements) and the same memory as zero-padded blocks
+        self.values = [b[:count] for b in buffers.moments]
+        self.rows = [b[:padded].view(blocks, block_size) for b in buffers.moments]
+        self.padding = [b[count:padded] for b in buffers.moments] if count < padded else None
+        self.index, self.boundary, self.above = (
+            b[:count] for b in (buffers.index, buffers.boundary, buffers.above))
+        self.high, self.low, self.scale = (b[:blocks] for b in (buffers.high, buffers.low,
+                                                                 buffers.scale))
+        self.scale_column = self.scale.view(blocks, 1)
+
+
+class Workspace:
+    """The chunks of a tensor of ``numel`` elements and scratch for one chunk at a time.
+
+    On CPU a chunk is :data:`CHUNK_ELEMENTS` (whole blocks, at least one) and the scratch
+    comes from a per-thread pool while the ``with`` block runs; on other devices the whole
+    tensor is one chunk.  A chunk holds up to two tensors' values (:attr:`Chunk.values`).
+
+    Parameters
+    ----------
+    numel, block_size
+        Size of the tensor and its block length.
+    device
+        Where the scratch lives.
+    """
+
+    def __init__(self, numel: int, block_size: int, device: torch.device):
+        self.numel, self.block_size, self.device = numel, block_size, device
+        blocks = num_blocks(numel, block_size)
+        per = max(1, CHUNK_ELEMENTS // block_size) if device.type == "cpu" else blocks
+        self.blocks_per_chunk = max(1, min(per, blocks))
+        self._buffers: _Buffers | None = None
+
+    def __enter__(self) -> Workspace:
+        size = self.blocks_per_chunk * self.block_size
+        pool = getattr(_POOL, "free", None) if self.device.type == "cpu" else None
+        if pool is None and self.device.type == "cpu":
+            pool = _POOL.free = []
+        fits = [b for b in pool or () if b.capacity >= size and b.index.device == self.device]
+        if fits:
+            pool.remove(fits[0])
+        self._buffers = fits[0] if fits else _Buffers(size, self.device)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.device.type == "cpu":
+            _POOL.free.append(self._buffers)
+        self._buffers = None
+
+    def chunks(self) -> Iterator[tuple[slice, slice, Chunk]]:
+        """``(elements, blocks, chunk)`` of each chunk in order: the slices of the tensor's
+        elements (flat) and of its scales, and the chunk's scratch views."""
+        assert self._buffers is not None, "use the workspace in a with block"
+        size, per = self.block_size, self.blocks_per_chunk
+        total = num_blocks(self.numel, size)
+        views: dict[tuple[int, int], Chunk] = {}
+        for first in range(0, total, per):
+            last = min(first + per, total)
+            elems = slice(first * size, min(last * size, self.numel))
+            key = (elems.stop - elems.start, last - first)
+            if key not in views:
+                views[key] = Chunk(self._buffers, *key, size)
+            yield elems, slice(first, last), views[key]
+
+
+def dequantize_chunk(chunk: Chunk, slot: int, codes: torch.Tensor, absmax: torch.Tensor,
+                     values: torch.Tensor) -> torch.Tensor:
+    """``values[codes] * absmax`` of one chunk into ``chunk.values[slot]`` (returned).
+
+    ``codes`` holds the chunk's elements (flat), ``absmax`` its blocks' scales and ``values``
+    the :func:`table`.
+    """
+    torch.index_select(values, 0, chunk.index.copy_(codes), out=chunk.values[slot])
+    if chunk.padding is not None:
+        chunk.padding[slot].zero_()
+    chunk.rows[slot].mul_(absmax.unsqueeze(1))
+    return chunk.values[slot]
+
+
+def quantize_chunk(chunk: Chunk, slot: int, code: str, signed: bool, codes: torch.Tensor,
+                   absmax: torch.Tensor) -> None:
+    """Quantise ``chunk.values[slot]`` into the uint8 ``codes`` (the chunk's elements,
+    contiguous) and ``absmax`` (its blocks' scales).
+
+    The values are the scratch of the computation: zero-padded to whole blocks and
+    normalised in place.
+    """
+    if chunk.padding is not None:
+        chunk.padding[slot].zero_()
+    rows = chunk.rows[slot]
+    high, low = torch.amax(rows, 1, out=chunk.high), torch.amin(rows, 1, out=chunk.low)
+    absmax = torch.maximum(high, low.neg_(), out=absmax).abs_()  # abs: a zero block's is +0.0
+    torch.clamp_min(absmax, torch.finfo(torch.float32).tiny, out=chunk.scale)
+    rows.div_(chunk.scale_column)
+    _codes_into(chunk.values[slot], codes, code, signed, chunk.index, chunk.boundary,
+                chunk.above)
+
+
+def writable(t: torch.Tensor, dtype: torch.dtype, keep: bool = False) -> torch.Tensor:
+    """``t`` itself when it is contiguous of ``dtype`` (then written in place), else a
+    contiguous tensor of ``dtype`` to copy into ``t`` afterwards (holding ``t``'s values
+    when ``keep``)."""
+    if t.dtype == dtype and t.is_contiguous():
+        return t
+    if keep:
+        return t.to(dtype, memory_format=torch.contiguous_format, copy=True)
+    return torch.empty(t.shape, dtype=dtype, device=t.device)
+
+
 def quantize(
     x: torch.Tensor, block_size: int = 256, code: str = "dynamic", signed: bool = True,
     out: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(codes uint8 of x.shape, absmax fp32 of ceil(numel / block_size))``.
+
+    The blocks are zero-padded (the last one), ``absmax`` is ``max |x|`` of each block and the
+    codes those of ``x / absmax`` (:func:`codes_of`; a zero block divides by the smallest
+    normal float instead of 0).  Computed chunk by chunk (:class:`Workspace`).
 
     Parameters
     ----------
@@ -187,15 +360,21 @@ def quantize(
     """
     table(code, signed)  # validates the name
     n = x.numel()
-    padded = _blocks(x, block_size)
-    low, high = torch.aminmax(padded, dim=1)
-    absmax = torch.maximum(high, low.neg_())
-    normed = padded / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
-    codes = codes_of(normed, code, signed).reshape(-1)[:n].view(x.shape)
-    if out is None:  # uint8 and compact (not a view of the padded blocks)
-        return codes.to(torch.uint8), absmax
-    out[0].copy_(codes)  # int32 -> uint8 in the copy
-    out[1].copy_(absmax)
+    if out is None:
+        codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+        absmax = torch.empty(num_blocks(n, block_size), dtype=torch.float32, device=x.device)
+    else:
+        codes, absmax = writable(out[0], torch.uint8), writable(out[1], torch.float32)
+    flat, flat_codes, flat_absmax = x.reshape(-1), codes.view(-1), absmax.view(-1)
+    with Workspace(n, block_size, x.device) as work:
+        for elems, blocks, chunk in work.chunks():
+            chunk.values[0].copy_(flat[elems])  # in fp32
+            quantize_chunk(chunk, 0, code, signed, flat_codes[elems], flat_absmax[blocks])
+    if out is None:
+        return codes, absmax
+    for dest, result in zip(out, (codes, absmax), strict=True):
+        if dest is not result:
+            dest.copy_(result)
     return out
 
 
@@ -203,17 +382,21 @@ def dequantize(
     codes: torch.Tensor, absmax: torch.Tensor, block_size: int = 256, code: str = "dynamic",
     signed: bool = True, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """fp32 tensor of ``codes.shape`` (written into ``out`` when given)."""
+    """fp32 tensor of ``codes.shape``: ``table[code] * absmax`` (written into ``out`` when
+    given).  Computed chunk by chunk (:class:`Workspace`)."""
     values = table(code, signed, codes.device)
-    n = codes.numel()
-    blocks = absmax.numel()
-    pad = blocks * block_size - n
-    flat = values.index_select(0, codes.reshape(-1).int())
-    flat = torch.nn.functional.pad(flat, (0, pad)) if pad else flat
-    deq = (flat.view(blocks, block_size) * absmax.unsqueeze(1)).reshape(-1)[:n].view(codes.shape)
-    if out is None:
-        return deq
-    return out.copy_(deq)
+    direct = (out is not None and out.dtype == torch.float32 and out.is_contiguous()
+              and out.shape == codes.shape)
+    result = out if direct else torch.empty(codes.shape, dtype=torch.float32,
+                                            device=codes.device)
+    flat_codes, flat_absmax, dest = codes.reshape(-1), absmax.reshape(-1), result.view(-1)
+    with Workspace(codes.numel(), block_size, codes.device) as work:
+        for elems, blocks, chunk in work.chunks():
+            dest[elems].copy_(dequantize_chunk(chunk, 0, flat_codes[elems], flat_absmax[blocks],
+                                               values))
+    if out is None or direct:
+        return result
+    return out.copy_(result)
 
 
 def error_bound(x: torch.Tensor, absmax_per_elem: torch.Tensor, code: str, signed: bool

@@ -14,8 +14,10 @@ from contextlib import contextmanager
 import torch
 
 # block-wise 8-bit quantisation: the specification is lowrank_optim.kernels.blockwise itself
-from lowrank_optim.kernels.blockwise import dequantize as dequantize_blockwise
-from lowrank_optim.kernels.blockwise import quantize as quantize_blockwise
+# (its quantize / dequantize are the dispatch's torch path under these names)
+from lowrank_optim.kernels import blockwise
+from lowrank_optim.kernels.blockwise import dequantize as dequantize_blockwise  # noqa: F401
+from lowrank_optim.kernels.blockwise import quantize as quantize_blockwise  # noqa: F401
 
 
 def project(grad: torch.Tensor, basis: torch.Tensor, side: str) -> torch.Tensor:
@@ -102,14 +104,40 @@ def adam_update_8bit(
 ) -> torch.Tensor:
     """:func:`adam_update` on block-wise 8-bit moments, in place: dequantise (signed table for
     ``M``, unsigned for ``V``) -> fp32 moment update -> direction from the fp32 moments ->
-    requantise into the codes and scales.  Returns the direction in ``grad``'s dtype."""
-    m = dequantize_blockwise(exp_avg_codes, exp_avg_absmax, block_size, code, signed=True)
-    v = dequantize_blockwise(exp_avg_sq_codes, exp_avg_sq_absmax, block_size, code,
-                             signed=False)
-    direction = adam_update(grad, m, v, beta1, beta2, eps, formula, bias_correction2)
-    quantize_blockwise(m, block_size, code, True, out=(exp_avg_codes, exp_avg_absmax))
-    quantize_blockwise(v, block_size, code, False, out=(exp_avg_sq_codes, exp_avg_sq_absmax))
-    return direction.to(grad.dtype)
+    requantise into the codes and scales.  Returns the direction in ``grad``'s dtype.
+
+    Fused chunk by chunk (:class:`~lowrank_optim.kernels.blockwise.Workspace`): each chunk of
+    whole blocks goes through all four steps before the next one, so the fp32 moments exist
+    one chunk at a time (in cache), never at full size.  Each step is elementwise or per
+    block, so the result is bit for bit :func:`dequantize_blockwise` -> :func:`adam_update` ->
+    :func:`quantize_blockwise` on the whole tensors (``tests/test_8bit_speed_equivalence.py``).
+    """
+    direction = torch.empty(grad.shape, dtype=grad.dtype, device=grad.device)
+    m_table = blockwise.table(code, True, grad.device)
+    v_table = blockwise.table(code, False, grad.device)
+    states = (exp_avg_codes, exp_avg_absmax, exp_avg_sq_codes, exp_avg_sq_absmax)
+    held = [blockwise.writable(t, dtype, keep=True)
+            for t, dtype in zip(states, (torch.uint8, torch.float32) * 2, strict=True)]
+    m_codes, m_absmax, v_codes, v_absmax = (t.view(-1) for t in held)
+    flat_grad, flat_direction = grad.reshape(-1), direction.view(-1)
+    with blockwise.Workspace(grad.numel(), block_size, grad.device) as work:
+        for elems, blocks, chunk in work.chunks():
+            m = blockwise.dequantize_chunk(chunk, 0, m_codes[elems], m_absmax[blocks], m_table)
+            v = blockwise.dequantize_chunk(chunk, 1, v_codes[elems], v_absmax[blocks], v_table)
+            # adam_update's operations, into the chunk's scratch: no allocation per chunk
+            g = flat_grad[elems]
+            m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+            denom = torch.sqrt(v, out=chunk.boundary)
+            if formula == "torch":
+                denom.div_(math.sqrt(bias_correction2))
+            torch.div(m, denom.add_(eps), out=flat_direction[elems])
+            blockwise.quantize_chunk(chunk, 0, code, True, m_codes[elems], m_absmax[blocks])
+            blockwise.quantize_chunk(chunk, 1, code, False, v_codes[elems], v_absmax[blocks])
+    for state, result in zip(states, held, strict=True):
+        if state is not result:
+            state.copy_(result)
+    return direction
 
 
 # -- DCT projection (SVD-free subspace selection) ----------------------------------------------
@@ -121,6 +149,118 @@ def adam_update_8bit(
 # ``P = Q[idx]`` (right, shape (r, n)) or ``P = Q[idx]^T`` (left, shape (m, r)).
 
 
+#: on the CPU the FFT route transforms the rows in blocks of about this many elements, so that
+#: a block's reordered input, spectrum and score sums stay in cache from one pass to the next
+#: (on other devices the whole tensor goes at once: one launch per operation)
+DCT_FFT_BLOCK = 1 << 18
+
+
+@functools.cache
+def dct_fft_plan(
+    n: int, device: torch.device, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Tables of the size-``n`` FFT route, built once per size, device and real ``dtype``.
+
+    Returns
+    -------
+    order : torch.Tensor
+        ``(n,)`` int64 input permutation ``u_j = v_{-j mod n}``: Makhoul's reordering
+        ``v = [x0, x2, x4, ..., x5, x3, x1]`` read cyclically backwards, so that the FFT of
+        ``u`` is ``conj(V)`` for ``V = FFT(v)``.
+    twiddle : torch.Tensor
+        ``(n // 2 + 1,)`` complex ``sqrt(2/n) exp(+i pi k / 2n)``, times ``1/sqrt(2)`` at
+        ``k = 0``: with ``Z_k = exp(-i pi k / 2n) V_k`` the unnormalised transform is
+        ``X_k = Re Z_k`` and ``X_{n-k} = -Im Z_k``, so ``twiddle * conj(V)`` holds the
+        orthonormal ``X_k`` in its real and ``X_{n-k}`` in its imaginary parts.
+    packed : torch.Tensor
+        ``(n,)`` int32 (the dtype of selected indices): the column of frequency ``k`` in the
+        packed layout (the real view of the ``n // 2 + 1`` complex bins): ``2 k`` for
+        ``k <= n // 2``, else ``2 (n - k) + 1``.
+    """
+    evens, odds = torch.arange(0, n, 2), torch.arange(1, n, 2).flip(0)
+    order = torch.cat([evens, odds])[(-torch.arange(n)) % n]
+    half = n // 2 + 1
+    k = torch.arange(half, dtype=torch.float64)
+    twiddle = torch.polar(torch.full_like(k, math.sqrt(2.0 / n)), k * (math.pi / (2 * n)))
+    twiddle[0] *= math.sqrt(0.5)
+    freq = torch.arange(n)
+    packed = torch.where(freq < half, 2 * freq, 2 * (n - freq) + 1).to(torch.int32)
+    complex_dtype = torch.complex128 if dtype == torch.float64 else torch.complex64
+    return order.to(device), twiddle.to(device=device, dtype=complex_dtype), packed.to(device)
+
+
+def dct2_fft_rows(
+    x: torch.Tensor, norm: str | None = None, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Orthonormal DCT-II of every row of the 2-D ``x`` through a real FFT, in the packed layout.
+
+    Per block of rows (:data:`DCT_FFT_BLOCK` elements on the CPU): the reordering of
+    :func:`dct_fft_plan` into a block buffer, the real FFT, its product with the twiddle
+    factors written into ``out`` and, with ``norm``, the score sums while the block is in
+    cache.  No full-size temporary besides ``out``; ``x`` may be the transposed view ``G^T``
+    (the left side).  Half-precision inputs are computed in fp32.
+
+    Parameters
+    ----------
+    x
+        ``(rows, n)`` real tensor.
+    norm
+        ``"l2"``: also return the sum of squares of every packed column over the rows;
+        ``"l1"``: the sum of absolute values; ``None``: no sums.  Both are additive over row
+        shards.
+    out
+        Contiguous complex ``(rows, n // 2 + 1)`` buffer to write the spectrum into
+        (fp32 inputs: complex64); allocated when ``None``.
+
+    Returns
+    -------
+    packed : torch.Tensor
+        ``(rows, 2 (n // 2 + 1))`` real view of ``out``: row ``j``, column
+        ``dct_fft_plan(n, ...)[2][k]`` is ``X_k`` of row ``j`` (the other columns are unused).
+    sums : torch.Tensor or None
+        ``(2 (n // 2 + 1),)`` score sums per packed column, or ``None`` without ``norm``.
+    """
+    rows, n = x.shape
+    work = x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+    order, twiddle, _ = dct_fft_plan(n, x.device, work)
+    half = n // 2 + 1
+    if out is None:
+        out = torch.empty(rows, half, dtype=twiddle.dtype, device=x.device)
+    packed = torch.view_as_real(out).view(rows, 2 * half)
+    on_cpu = x.device.type == "cpu"
+    block = max(1, min(rows, DCT_FFT_BLOCK // n)) if on_cpu else max(1, rows)
+    buf = torch.empty(min(block, rows), n, dtype=work, device=x.device)
+    sums = (torch.empty(min(block, rows), 2 * half, dtype=work, device=x.device)
+            if norm is not None and on_cpu else None)
+    for start in range(0, rows, block):
+        stop = min(rows, start + block)
+        chunk = buf[: stop - start]
+        if x.stride(1) != 1:  # G^T: reorder whole rows of G, then one transposing copy
+            chunk.copy_(x[start:stop].t().index_select(0, order).t())
+        elif x.dtype == work:
+            torch.index_select(x[start:stop], 1, order, out=chunk)
+        else:
+            chunk.copy_(x[start:stop].index_select(1, order))
+        # rfft(out=) would copy through a temporary: the twiddle product writes out instead
+        torch.mul(torch.fft.rfft(chunk, dim=1), twiddle, out=out[start:stop])
+        if sums is not None:  # accumulate while the block is in cache
+            part, acc = packed[start:stop], sums[: stop - start]
+            if start == 0 and norm == "l2":  # the first block initialises the sums
+                torch.mul(part, part, out=acc)
+            elif start == 0:
+                torch.abs(part, out=acc)
+            elif norm == "l2":
+                acc.addcmul_(part, part)
+            else:
+                acc.add_(part.abs())
+    if norm is None:
+        return packed, None
+    if sums is not None:
+        return packed, sums.sum(0)
+    total = torch.linalg.vector_norm(packed, ord=2 if norm == "l2" else 1, dim=0)
+    return packed, total.square_() if norm == "l2" else total
+
+
 def dct2_fft(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """Orthonormal DCT-II of ``x`` along ``dim`` through a real FFT (Makhoul, 1980).
 
@@ -129,7 +269,9 @@ def dct2_fft(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     of ``O(n^2)``.  Makhoul's reordering puts the even samples first and the odd ones reversed,
     ``v = [x0, x2, x4, ..., x5, x3, x1]``; with ``V = FFT(v)`` and ``Z_k = exp(-i pi k / 2n) V_k``
     the unnormalised transform is ``X_k = Re Z_k`` and ``X_{n-k} = -Im Z_k``, so the half
-    spectrum of ``rfft`` suffices.  Half-precision inputs are computed (and returned) in fp32.
+    spectrum of ``rfft`` suffices (:func:`dct2_fft_rows` computes it, :func:`dct_fft_plan`
+    holds the tables; this function unpacks the natural frequency order).  Half-precision
+    inputs are computed (and returned) in fp32.
 
     Parameters
     ----------
@@ -143,25 +285,50 @@ def dct2_fft(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
     torch.Tensor
         The DCT-II coefficients, same shape as ``x``, dtype fp32 or fp64.
     """
-    if x.dtype not in (torch.float32, torch.float64):
-        x = x.float()
     dim = dim % x.dim()
     n = x.shape[dim]
-    half_len = n // 2 + 1  # rfft bins k = 0 .. n // 2
-    order = torch.cat([torch.arange(0, n, 2, device=x.device),  # even samples, then odd
-                       torch.arange(1, n, 2, device=x.device).flip(0)])  # ones reversed
-    spectrum = torch.fft.rfft(x.index_select(dim, order), dim=dim)
-    bcast = [1] * x.dim()
-    bcast[dim] = half_len
-    k = torch.arange(half_len, device=x.device, dtype=x.dtype)
-    z = spectrum * torch.polar(torch.ones_like(k), k * (-math.pi / (2 * n))).view(bcast)
-    out = torch.empty_like(x)
-    out.narrow(dim, 0, half_len).copy_(z.real)
-    mirrored = torch.arange(n - half_len, 0, -1, device=x.device)  # X_{n-k} = -Im Z_k
-    out.narrow(dim, half_len, n - half_len).copy_(z.imag.index_select(dim, mirrored)).neg_()
-    out.mul_(math.sqrt(2.0 / n))
-    out.narrow(dim, 0, 1).mul_(math.sqrt(0.5))
-    return out
+    moved = x.movedim(dim, -1)
+    packed, _ = dct2_fft_rows(moved.reshape(-1, n))
+    natural = packed.index_select(1, dct_fft_plan(n, x.device, packed.dtype)[2])
+    return natural.view(moved.shape).movedim(-1, dim).contiguous()
+
+
+def dct_fft_coefficients(
+    grad: torch.Tensor, side: str, norm: str, out: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The FFT route's refresh inputs for a 2-D ``grad``: coefficients, scores, positions.
+
+    One pass of :func:`dct2_fft_rows` over the rows of ``G`` (right) or of ``G^T`` (left)
+    gives both the coefficients and the scores; nothing is unpacked.
+
+    Parameters
+    ----------
+    grad
+        ``(m, n)`` gradient (right side) or ``(n, C)`` (left side).
+    side
+        ``"right"`` (transform every row) or ``"left"`` (every column).
+    norm
+        ``"l2"`` or ``"l1"``.
+    out
+        Complex scratch buffer for the spectrum (see :func:`dct2_fft_rows`).
+
+    Returns
+    -------
+    coeffs : torch.Tensor
+        The coefficients in the packed layout, oriented like ``S``: columns are packed
+        frequencies (right, ``(m, n + 2 - n % 2)``) or rows are (left, a transposed view).
+    scores : torch.Tensor
+        ``(n,)`` additive scores in frequency order: squared column norms of ``S`` (``"l2"``,
+        the squares of :func:`dct_scores`) or l1 norms (``"l1"``); fp32 or fp64.
+    positions : torch.Tensor
+        ``(n,)`` int32 packed index of every frequency:
+        ``gather_lowrank(coeffs, positions[idx], side)`` is the low-rank gradient ``S[:, idx]``
+        (right) or ``S[idx]`` (left).
+    """
+    rows = grad if side == "right" else grad.t()
+    packed, sums = dct2_fft_rows(rows, norm, out)
+    positions = dct_fft_plan(rows.shape[1], grad.device, packed.dtype)[2]
+    return (packed if side == "right" else packed.t()), sums.index_select(0, positions), positions
 
 
 def dct_scores(coeffs: torch.Tensor, side: str, norm: str) -> torch.Tensor:
@@ -236,6 +403,38 @@ def rotate_lowrank(t: torch.Tensor, rot: torch.Tensor, side: str) -> torch.Tenso
     ``rot[a, b] = <old basis vector a, new basis vector b>``.  1-D ``t`` is a row (right) or a
     column (left) of rank-axis statistics."""
     return t @ rot if side == "right" else rot.t() @ t
+
+
+def selection_remap(old: torch.Tensor, new: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """How a low-rank tensor moves from the selection ``old`` to ``new`` of one orthonormal
+    basis: ``(source, kept)``, for slot ``b`` the old slot ``source[b]`` with
+    ``old[source[b]] == new[b]`` and ``kept[b]`` (bool) whether there is one.
+
+    For indices into one orthonormal basis the rotation ``<old basis vector a, new basis
+    vector b>`` (:func:`rotate_lowrank`'s ``rot``) is exactly this 0/1 partial permutation.
+    Computed from an ``r x r`` comparison (tiny, no host sync); ``source`` is 0 where not
+    ``kept``.
+    """
+    match = old.to(new.device).unsqueeze(1) == new.unsqueeze(0)
+    return match.to(torch.uint8).argmax(0), match.any(0)
+
+
+def remap_lowrank_(
+    t: torch.Tensor, source: torch.Tensor, kept: torch.Tensor, dim: int,
+    scratch: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """In place: slot ``b`` of ``t`` along ``dim`` takes slot ``source[b]``, or zero where not
+    ``kept[b]`` (:func:`selection_remap`); returns ``t``.
+
+    Equals :func:`rotate_lowrank` with the 0/1 rotation for finite ``t`` (a zeroed slot may
+    come out as ``-0.0``), as one gather into ``scratch`` (``t``'s shape and dtype, not ``t``;
+    a new temporary when ``None``) and one masked write back instead of an ``r x r`` matmul.
+    """
+    moved = t.index_select(dim, source) if scratch is None else torch.index_select(
+        t, dim, source, out=scratch)
+    shape = [1] * t.dim()
+    shape[dim] = -1
+    return torch.mul(moved, kept.view(shape), out=t)
 
 
 # -- sampled columns (Sparse Spectral Training) ------------------------------------------------

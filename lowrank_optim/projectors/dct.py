@@ -152,7 +152,7 @@ class DCTProjector(Projector):
         check_int_at_least("fft_min_size", fft_min_size, 1)
         self.fft_min_size = fft_min_size
         self._bases: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-        self._scratch: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+        self._scratch: torch.Tensor | None = None
 
     # -- shared bases ---------------------------------------------------------------------
     def basis(self, n: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -166,24 +166,23 @@ class DCTProjector(Projector):
         """The bases this projector instance built: one per (size, device, dtype) in use."""
         return list(self._bases.values())
 
-    def fft_scratch(self, grad: torch.Tensor, side: str) -> torch.Tensor | None:
-        """Spectrum buffer of the FFT route for ``grad`` (a view of one CPU scratch per dtype).
+    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor | None:
+        """A ``shape`` / ``dtype`` view of this projector's CPU scratch buffer (``None`` off the
+        CPU), for one temporary at a time: a refresh's spectrum, then its moment rotation.
 
         On the CPU a fresh tensor above the allocator's mmap threshold (32 MB) costs page faults
-        on every refresh (a 32000 x 512 head: ~15 ms of a ~30 ms transform), so the refreshes
-        share one buffer sized to the largest spectrum seen: scratch, not optimizer state (it
-        holds nothing between refreshes, is not saved and not in :meth:`shared_buffers`).
-        Elsewhere ``None``: the CUDA caching allocator already reuses the memory.
+        every time (the spectrum of a 32000 x 512 head: ~15 ms of a ~30 ms transform), so
+        refreshes share one buffer, grown to the largest temporary seen.  It is scratch, not
+        optimizer state: it holds nothing between calls, is not saved and is not in
+        :meth:`shared_buffers`.  Elsewhere the caching allocator already reuses the memory.
         """
-        if grad.device.type != "cpu":
+        if torch.device(device).type != "cpu":
             return None
-        rows, n = grad.shape if side == "right" else grad.shape[::-1]
-        dtype = torch.complex128 if grad.dtype == torch.float64 else torch.complex64
-        size, key = rows * (n // 2 + 1), (grad.device, dtype)
-        buf = self._scratch.get(key)
-        if buf is None or buf.numel() < size:
-            buf = self._scratch[key] = torch.empty(size, dtype=dtype, device=grad.device)
-        return buf[:size].view(rows, n // 2 + 1)
+        size = math.prod(shape) * dtype.itemsize
+        if self._scratch is None or self._scratch.numel() < size:
+            self._scratch = torch.empty(size, dtype=torch.uint8, device="cpu")
+        return self._scratch[:size].view(dtype).view(shape)
 
     # -- settings ---------------------------------------------------------------------------
     def validate(self, param: torch.Tensor, group: dict, label: str) -> None:
@@ -267,8 +266,11 @@ class DCTProjector(Projector):
         norm = _opt(group, "score_norm")
         positions = None
         if self.route(n, group) == "fft":  # packed coefficients and additive scores, one pass
-            coeffs, scores, positions = kernels.dct_fft_coefficients(
-                acc, side, norm, self.fft_scratch(acc, side))
+            rows, size = acc.shape if side == "right" else acc.shape[::-1]
+            spectrum = self.scratch((rows, size // 2 + 1), torch.complex128
+                                    if acc.dtype == torch.float64 else torch.complex64,
+                                    acc.device)
+            coeffs, scores, positions = kernels.dct_fft_coefficients(acc, side, norm, spectrum)
         else:
             coeffs = self.coefficients(acc, group)
             scores = kernels.dct_scores(coeffs, side, norm)
@@ -278,14 +280,14 @@ class DCTProjector(Projector):
             scores = scores.float()
             all_reduce(scores)
         idx = self.top(scores, group["rank"])
-        old = state.get("proj_idx")
+        where = idx if positions is None else positions.index_select(0, idx)
+        low = kernels.gather_lowrank(coeffs, where, side).to(grad.dtype)
+        old = state.get("proj_idx")  # rotated after the gather: the scratch is free again
         if old is not None and _opt(group, "rotate_moments") and not torch.equal(old, idx):
             self._rotate_moments(rule, state, group, old, idx, side)
         state["proj_idx"] = idx
         if "proj_shape" not in state:
             state["proj_shape"] = torch.tensor(shape, dtype=torch.int64)
-        where = idx if positions is None else positions.index_select(0, idx)
-        low = kernels.gather_lowrank(coeffs, where, side).to(grad.dtype)
         self._store_error(acc, low, state, group)
         return low
 
@@ -329,12 +331,19 @@ class DCTProjector(Projector):
         """Have ``rule`` re-express its moments in the new selection (rank axis: the
         low-rank gradient's columns on the right, its rows on the left).
 
-        The rotation by :meth:`rotation` is a 0/1 partial permutation, so it is applied as the
-        index remap :func:`~lowrank_optim.kernels.remap_lowrank` (a gather of the kept slots
-        and zeros for the new ones), not as an ``r x r`` matmul.
+        The rotation by :meth:`rotation` is a 0/1 partial permutation, so it is applied as an
+        index remap (:func:`~lowrank_optim.kernels.selection_remap`, once per weight, then
+        :func:`~lowrank_optim.kernels.remap_lowrank_` in place per moment: a gather of the kept
+        slots and zeros for the new ones), not as an ``r x r`` matmul.
         """
+        remaps: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
         def rotate(value: torch.Tensor, axis: int) -> torch.Tensor:
-            return kernels.remap_lowrank(value, old.to(value.device), new.to(value.device), axis)
+            if value.device not in remaps:
+                remaps[value.device] = kernels.selection_remap(old.to(value.device),
+                                                               new.to(value.device))
+            scratch = self.scratch(tuple(value.shape), value.dtype, value.device)
+            return kernels.remap_lowrank_(value, *remaps[value.device], axis, scratch)
 
         rule.map_moments(state, group, 1 if side == "right" else 0, rotate)
 
