@@ -27,6 +27,8 @@ import math
 
 import torch
 
+from lowrank_optim.kernels import dispatch
+
 #: parameter dtypes the CPU kernel takes (moments and gradients must share the dtype)
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
@@ -37,9 +39,10 @@ def supports(param: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor | No
     gradient and 32-bit moments share its dtype and shape, with a float32 step count.
 
     CUDA tensors keep the per-tensor Triton kernels for now (torch's CUDA kernel wants the step
-    counts on the device, and no GPU check of this path has run yet).
+    counts on the device, and no GPU check of this path has run yet), and so does a forced
+    Triton backend (the interpreter on CPU tensors, in tests).
     """
-    if exp_avg is None or exp_avg_sq is None:
+    if exp_avg is None or exp_avg_sq is None or dispatch.requested_backend() == "triton":
         return False
     tensors = (param, grad, exp_avg, exp_avg_sq)
     return (param.device.type == "cpu" and param.dtype in DTYPES
