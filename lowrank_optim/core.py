@@ -78,13 +78,19 @@ def lowrank_step(
     _step(param, grad, state, group, rule, projector, projected, refresher)
 
 
+def _step_count(state: dict) -> torch.Tensor:
+    """``state["step"]``, created as ``torch.tensor(0.0)`` (torch's float step count) if
+    absent: the one place the core starts a parameter's count."""
+    if "step" not in state:
+        state["step"] = torch.tensor(0.0)
+    return state["step"]
+
+
 def _step(
     param: torch.Tensor, grad: torch.Tensor, state: dict, group: dict, rule: Rule,
     projector: Projector | None, projected: bool, refresher: Refresher,
 ) -> None:
-    if "step" not in state:
-        state["step"] = torch.tensor(0.0)
-    step = int(state["step"])
+    step = int(_step_count(state))
 
     low = grad
     if projector is not None and not projected:
@@ -111,7 +117,5 @@ def plain_steps(params: list[torch.Tensor], grads: list[torch.Tensor], states: l
     for all of them; each parameter gets the bits it would get alone.  Parameters in
     :data:`FP32_STEP_DTYPES` must go through :func:`lowrank_step`."""
     for state in states:
-        if "step" not in state:
-            state["step"] = torch.tensor(0.0)
-        state["step"] += 1
+        _step_count(state).add_(1)
     rule.step_unprojected(params, grads, states, group)
