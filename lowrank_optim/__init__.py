@@ -4,8 +4,12 @@ from lowrank_optim import memory, schedules, sst
 from lowrank_optim.groups import param_groups
 from lowrank_optim.layerwise import LayerwiseOptimizer
 from lowrank_optim.optim import (
+    ApolloAdamW,
+    ApolloMini,
     DCTAdafactor,
     DCTAdamW,
+    DCTFiraAdamW,
+    FiraAdamW,
     GaLoreAdafactor,
     GaLoreAdamW,
     GaLoreAdamW8bit,
@@ -17,8 +21,12 @@ from lowrank_optim.registry import available, create_optimizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "ApolloAdamW",
+    "ApolloMini",
     "DCTAdafactor",
     "DCTAdamW",
+    "DCTFiraAdamW",
+    "FiraAdamW",
     "GaLoreAdafactor",
     "GaLoreAdamW",
     "GaLoreAdamW8bit",

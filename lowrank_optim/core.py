@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 
 from lowrank_optim.projectors.base import Projector
-from lowrank_optim.rules.base import Rule
+from lowrank_optim.rules.base import Projection, Rule, Update
 
 
 def refresh_due(projector: Projector, state: dict, group: dict, step: int) -> bool:
@@ -104,10 +104,52 @@ def _step(
     if projector is None:
         rule.step_unprojected([param], [grad], [state], group)
         return
-    update = rule.step(low, state, group, param)
+    projection = None
+    if rule.full_gradient:
+        if projected:
+            raise ValueError(
+                f"inner rule {rule.name!r} needs the full-size gradient of every step, but got "
+                "a pre-projected (layer-wise accumulated) one; accumulate full gradients.")
+        projection = Projection(grad, rank_axis(projector, grad, group),
+                                lambda t: projector.project_back(t, state, group))
+    update = rule.step(low, state, group, param, projection)
+    apply(param, update, projector, state, group)
+
+
+def rank_axis(projector: Projector, grad: torch.Tensor, group: dict) -> int:
+    """The axis of ``grad`` the projector reduces to the rank (:attr:`Projection.axis`)."""
+    sides = projector.sides(tuple(grad.shape), group)
+    if len(sides) != 1:
+        raise ValueError(f"proj_type={group.get('proj_type')!r} projects both sides; a rule "
+                         "that scales channels of the full gradient needs one side: use "
+                         "proj_type='std'.")
+    return 0 if sides[0] == "left" else 1
+
+
+def apply(param: torch.Tensor, update: Update, projector: Projector, state: dict,
+          group: dict) -> None:
+    """Apply a projected parameter's :class:`~lowrank_optim.rules.Update` in place: the
+    decoupled decay around everything, the full-size term (if any), then the low-rank one,
+    back-projected fused with the update where the backend allows."""
+    before, after = update.decays
+    scale = group["scale"]
+    if update.full is not None:
+        if before:
+            param.mul_(1.0 - before)
+        before = 0.0
+        alpha = update.full_alpha * scale
+        if update.full_scale is None:
+            param.add_(update.full.to(param.dtype), alpha=alpha)
+        else:
+            param.addcmul_(update.full.to(param.dtype), update.full_scale.to(param.dtype),
+                           value=alpha)
+    if update.direction is None:
+        if after:
+            param.mul_(1.0 - after)
+        return
     # decay and update in one pass where the backend fuses them (kernels.decoupled_decay order)
-    projector.apply_update(param, update.direction, update.alpha * group["scale"], state,
-                           group, *update.decays)
+    projector.apply_update(param, update.direction, update.alpha * scale, state, group,
+                           before, after)
 
 
 def plain_steps(params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],

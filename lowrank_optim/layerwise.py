@@ -207,7 +207,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _accumulates_lowrank(self, param: torch.Tensor, group: dict) -> bool:
         """At a window's first micro-batch: accumulate the projected gradient, unless the
         parameter is unprojected or its subspace is due for a refresh in this window."""
-        if self._accumulation == 1 or id(param) not in self._projected:
+        if (self._accumulation == 1 or id(param) not in self._projected
+                or self.optimizer.rule.full_gradient):  # APOLLO / Fira need each full gradient
             return False
         state = self.optimizer.state[param]
         step = int(state["step"]) if "step" in state else 0

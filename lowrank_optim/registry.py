@@ -14,8 +14,10 @@ from torch import nn
 
 from lowrank_optim.distributed import check_model_not_partitioned
 from lowrank_optim.groups import TargetModules, param_groups_and_summary
+from lowrank_optim.optim.apollo import APOLLO_MINI_SCALE, ApolloAdamW, ApolloMini
 from lowrank_optim.optim.compose import compose
 from lowrank_optim.optim.dct import DCTAdafactor, DCTAdamW
+from lowrank_optim.optim.fira import DCTFiraAdamW, FiraAdamW
 from lowrank_optim.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
 from lowrank_optim.optim.sst import create_sst_adamw
 from lowrank_optim.projectors import DCTProjector, Projector, SVDProjector
@@ -32,6 +34,10 @@ OPTIMIZERS: dict[str, type[torch.optim.Optimizer]] = {
     "dct_adafactor": DCTAdafactor,
     "galore_adamw8bit": GaLoreAdamW8bit,
     "dct_adamw8bit": DCTAdamW,
+    "apollo_adamw": ApolloAdamW,
+    "apollo_mini": ApolloMini,
+    "fira_adamw": FiraAdamW,
+    "dct_fira_adamw": DCTFiraAdamW,
 }
 #: optimizer keyword defaults per name (the caller's keywords win): ``dct_adamw8bit`` is
 #: ``DCTAdamW`` with 8-bit moments
@@ -47,8 +53,15 @@ PROJECTOR_PREFIXES: dict[str, tuple[type[Projector], dict[str, Any]]] = {
     "dct": (DCTProjector, {"update_proj_gap": 1, "scale": 1.0}),
 }
 PROJECTION_DEFAULTS_BY_NAME: dict[str, dict[str, Any]] = {
-    name: PROJECTOR_PREFIXES["dct"][1] for name in ("dct_adamw", "dct_adafactor", "dct_adamw8bit")
+    **{name: PROJECTOR_PREFIXES["dct"][1]
+       for name in ("dct_adamw", "dct_adafactor", "dct_adamw8bit", "dct_fira_adamw")},
+    # APOLLO's paper settings: a draw every 200 steps, alpha 1 (APOLLO) or sqrt(128) (Mini)
+    "apollo_adamw": {"update_proj_gap": 200, "scale": 1.0},
+    "apollo_mini": {"update_proj_gap": 200, "scale": APOLLO_MINI_SCALE},
 }
+#: ``rank`` of :func:`create_optimizer` when the caller passes none (else 128)
+RANK_BY_NAME: dict[str, int] = {"apollo_mini": 1}
+DEFAULT_RANK = 128
 
 
 def register_rule(rule: type[Rule], **defaults: Any) -> list[str]:
@@ -117,7 +130,7 @@ def create_optimizer(
     name: str,
     *,
     target_modules: TargetModules = "all-linear",
-    rank: int = 128,
+    rank: int = UNSET,
     update_proj_gap: int | None = UNSET,
     scale: float = UNSET,
     proj_type: str = "std",
@@ -131,7 +144,9 @@ def create_optimizer(
     :func:`lowrank_optim.param_groups`); ``optimizer_kwargs`` (``lr``, ``betas``,
     ``weight_decay`` ...) go to the optimizer.  Baselines (``"adamw"``) ignore projection keys.
     ``update_proj_gap`` and ``scale`` default per optimizer: 200 and 0.25 (GaLore's paper
-    settings), 1 and 1.0 for ``dct_*`` (see :data:`PROJECTION_DEFAULTS_BY_NAME`).
+    settings), 1 and 1.0 for ``dct_*``, 200 and 1.0 for ``apollo_adamw``, 200 and sqrt(128)
+    for ``apollo_mini`` (see :data:`PROJECTION_DEFAULTS_BY_NAME`); ``rank`` defaults to 128
+    (1 for ``apollo_mini``, :data:`RANK_BY_NAME`).
     ``"galore_adamw8bit"``, ``"dct_adamw8bit"`` and ``"sst_adamw8bit"`` keep 8-bit moments
     (``bits=8``; any Adam-based name takes ``bits=8`` as a keyword too).
     With 8-bit moments, ``nn.Embedding`` weights keep 32-bit moments (``embedding_bits``
@@ -160,7 +175,7 @@ def create_optimizer_and_summary(
     name: str,
     *,
     target_modules: TargetModules = "all-linear",
-    rank: int = 128,
+    rank: int = UNSET,
     update_proj_gap: int | None = UNSET,
     scale: float = UNSET,
     proj_type: str = "std",
@@ -187,6 +202,8 @@ def create_optimizer_and_summary(
         summary = (f"lowrank_optim: no projection, {len(params)} tensors "
                    f"({sum(p.numel() for p in params):,} params)")
         return opt, _with_optimizer(summary, key, opt)
+    if rank is UNSET:
+        rank = RANK_BY_NAME.get(key, DEFAULT_RANK)
     if embedding_bits is UNSET:
         embedding_bits = 32 if _uses_8bit(key, optimizer_kwargs) else None
     if key in MODEL_BUILDERS:

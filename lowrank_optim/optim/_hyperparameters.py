@@ -109,6 +109,14 @@ rotate_moments
 error_feedback
     Feed the projection residual back into the next gradient (full-size buffer per layer;
     default ``False``).""",
+    "apollo": """\
+scale_type, norm_growth_limit
+    How the rule scales its full-size term (group keys, see
+    :class:`lowrank_optim.rules.Apollo` / :class:`~lowrank_optim.rules.Fira`): one factor
+    per channel (``"channel"``) or per tensor (``"tensor"``, APOLLO-Mini), each the ratio of
+    the low-rank Adam output's norm to the projected gradient's; the full-size term's norm
+    may grow by at most ``norm_growth_limit`` (default 1.01, the papers' value) per step
+    (``None``: no limiter).""",
     "nonfinite": """\
 nonfinite
     What a NaN/Inf gradient does: ``"raise"`` (default; raises before anything changes),

@@ -216,6 +216,15 @@ class LowRankOptimizer(torch.optim.Optimizer):
         return (not self.projects(group, param) and not distributed.is_dtensor(param)
                 and param.dtype not in FP32_STEP_DTYPES)
 
+    def _ordinal(self, group: dict, index: int) -> int:
+        """Position of ``group["params"][index]`` among all of this optimizer's parameters."""
+        before = 0
+        for g in self.param_groups:
+            if g is group:
+                return before + index
+            before += len(g["params"])
+        raise ValueError("the group is not one of this optimizer's param groups")
+
     def step_param(
         self,
         param: torch.Tensor,
@@ -242,6 +251,8 @@ class LowRankOptimizer(torch.optim.Optimizer):
         check_grad(grad, lambda: param_label(group, index, param), None if projected else param)
         projector = self.projector if self.projects(group, param) else None
         state = self.state[param]
+        if projector is not None and "step" not in state:
+            projector.register(state, group, self._ordinal(group, index))
         if distributed.is_dtensor(param):  # FSDP2 shard: the same step on this rank's rows
             if projected:
                 raise NotImplementedError(

@@ -105,6 +105,11 @@ class Projector(ABC):
     def validate(self, param: torch.Tensor, group: dict, label: str) -> None:  # noqa: B027
         """Raise ``ValueError`` if ``group``'s settings cannot project ``param``."""
 
+    def register(self, state: dict, group: dict, ordinal: int) -> None:  # noqa: B027
+        """Called once per projected parameter, before its first step, with its position
+        among the optimizer's parameters (stable across processes and resumes): a projector
+        that draws random subspaces keeps a per-parameter seed from it."""
+
     def sides(self, shape: tuple[int, ...], group: dict) -> tuple[str, ...]:
         """The side(s) projected for a weight of ``shape`` (``"left"``, ``"right"``)."""
         return ("right",)

@@ -66,24 +66,40 @@ class Adam(Rule):
                              "False.")
         super().validate(group)
 
+    @staticmethod
+    def _bias_corrections(group: dict, state: dict) -> tuple[float, float]:
+        """``(1 - b1^t, 1 - b2^t)``, or ``(1, 1)`` with ``correct_bias=False`` (no bias
+        correction in either formula; torch's used to ignore it)."""
+        if not group["correct_bias"]:
+            return 1.0, 1.0
+        beta1, beta2 = group["betas"]
+        step = float(state["step"])
+        return 1.0 - beta1**step, 1.0 - beta2**step
+
+    @classmethod
+    def direction_scale(cls, group: dict, state: dict) -> float:
+        """``c`` such that ``c * direction`` is the bias-corrected Adam output
+        ``M_hat / (sqrt(V_hat) + eps')`` and the step is ``-lr * c * direction``: ``1 / (1 -
+        b1^t)`` (torch formula) or ``sqrt(1 - b2^t) / (1 - b1^t)`` (galore formula, whose eps
+        is then ``eps / sqrt(1 - b2^t)``).  APOLLO and Fira measure norms of that output."""
+        bias1, bias2 = cls._bias_corrections(group, state)
+        return 1.0 / bias1 if group["formula"] == "torch" else math.sqrt(bias2) / bias1
+
     def update(self, low: torch.Tensor, state: dict, group: dict, param: torch.Tensor) -> Update:
         beta1, beta2 = group["betas"]
-        lr, eps, step = group["lr"], group["eps"], float(state["step"])
-        # correct_bias=False: no bias correction in either formula (torch's used to ignore it)
-        bias1 = 1.0 - beta1**step if group["correct_bias"] else 1.0
-        bias2 = 1.0 - beta2**step if group["correct_bias"] else 1.0
+        lr, eps = group["lr"], group["eps"]
+        _, bias2 = self._bias_corrections(group, state)
         formula = group["formula"]
         if "exp_avg" in state:
             direction = kernels.adam_update(
                 low, state["exp_avg"], state["exp_avg_sq"], beta1, beta2, eps, formula, bias2)
         else:
             direction = self._update_8bit(low, state, group, beta1, beta2, eps, formula, bias2)
-
+        bias1 = self._bias_corrections(group, state)[0]
+        decay = lr * group["weight_decay"]
         if formula == "torch":
-            return Update(direction, -lr / bias1,
-                          decay=lr * group["weight_decay"], decay_first=True)
-        step_size = lr * math.sqrt(bias2) / bias1
-        return Update(direction, -step_size, decay=lr * group["weight_decay"], decay_first=False)
+            return Update(direction, -lr / bias1, decay=decay, decay_first=True)
+        return Update(direction, -(lr * math.sqrt(bias2) / bias1), decay=decay)
 
     def step_unprojected(
         self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],

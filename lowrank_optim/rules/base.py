@@ -87,19 +87,49 @@ class Moment:
         return torch.zeros(self.shape(grad), dtype=dtype, device=grad.device)
 
 
-@dataclass
-class Update:
-    """One step's change to a parameter, before back-projection.
+@dataclass(frozen=True)
+class Projection:
+    """What a rule with :attr:`Rule.full_gradient` sees of a projected step besides the
+    low-rank gradient ``low``.
 
-    The core applies ``param *= 1 - decay`` (before or after, per ``decay_first``) and
-    ``param += alpha * back(direction)`` where ``back`` is the projector's back-projection
-    (identity for unprojected parameters) and already includes the group's ``scale``.
+    Attributes
+    ----------
+    grad
+        The full-size gradient ``G`` (``m x n``) that ``low`` was projected from.
+    axis
+        The axis of ``G`` (and of ``low``) that the projection reduced to the rank: 0 when
+        ``low = P G`` is ``r x n`` (left side), 1 when ``low = G P`` is ``m x r`` (right).  A
+        *channel* is an index of the other axis; ``low.norm(dim=axis)`` and
+        ``grad.norm(dim=axis)`` are per-channel norms of the same channels.
+    back
+        ``back(low)``: the projector's full-size image of a low-rank tensor.
     """
 
-    direction: torch.Tensor
+    grad: torch.Tensor
+    axis: int
+    back: Callable[[torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class Update:
+    """One step's change to a parameter.
+
+    The core applies ``param *= 1 - decay`` (before or after everything else, per
+    ``decay_first``), ``param += alpha * back(direction)`` where ``back`` is the projector's
+    back-projection (identity for unprojected parameters), and, when ``full`` is set,
+    ``param += full_alpha * full * full_scale`` (a full-size term: APOLLO's scaled gradient,
+    Fira's scaled residual; ``full_scale`` broadcasts against ``full``: a per-channel column
+    or row, or a 0-d tensor; ``None`` means 1).  ``direction=None`` means no low-rank term.
+    The group's ``scale`` multiplies both ``alpha`` and ``full_alpha``.
+    """
+
+    direction: torch.Tensor | None
     alpha: float
     decay: float = 0.0
     decay_first: bool = False
+    full: torch.Tensor | None = None
+    full_scale: torch.Tensor | None = None
+    full_alpha: float = 0.0
 
     @property
     def decays(self) -> tuple[float, float]:
@@ -137,6 +167,13 @@ class Rule(ABC):
     #: default values of :attr:`hyperparameters` (used by
     #: :func:`lowrank_optim.optim.compose`; the hand-written classes keep their own)
     defaults: ClassVar[dict[str, object]] = {}
+    #: whether a projected step needs the full-size gradient (:class:`Projection`, passed
+    #: to :meth:`step` as ``projection``): APOLLO scales it, Fira adds its residual.  Such a
+    #: rule cannot take pre-projected (layer-wise accumulated) gradients.
+    full_gradient: ClassVar[bool] = False
+    #: state keys other than the moments (e.g. a norm-growth limiter's last norm), with
+    #: their memory category
+    extra_state: ClassVar[dict[str, str]] = {}
 
     @property
     def structure_keys(self) -> dict[str, object]:
@@ -180,15 +217,19 @@ class Rule(ABC):
             else:
                 state[m.name] = m.zeros(grad)
 
-    def step(self, low: torch.Tensor, state: dict, group: dict, param: torch.Tensor) -> Update:
+    def step(self, low: torch.Tensor, state: dict, group: dict, param: torch.Tensor,
+             projection: Projection | None = None) -> Update:
         """Create the state if needed, then :meth:`update` (on dequantised moments unless the
-        rule has :attr:`fused_lowbit`).  What the core calls."""
+        rule has :attr:`fused_lowbit`).  What the core calls; ``projection`` is given to
+        rules with :attr:`full_gradient` for projected parameters (then :meth:`update` is
+        called with it as a keyword)."""
         if not self.has_state(state):
             self.init_state(low, state, group)
+        extra = {} if projection is None else {"projection": projection}
         if self.fused_lowbit or 8 not in self.bits:
-            return self.update(low, state, group, param)
+            return self.update(low, state, group, param, **extra)
         with lowbit.dequantized(state, group, self.moments):
-            return self.update(low, state, group, param)
+            return self.update(low, state, group, param, **extra)
 
     def step_unprojected(
         self, params: list[torch.Tensor], grads: list[torch.Tensor], states: list[dict],
@@ -232,11 +273,12 @@ class Rule(ABC):
                     value.copy_(fn(value, position))
 
     def state_categories(self) -> dict[str, str]:
-        """Memory category (``"moments"``) of every state key this rule may create."""
+        """Memory category of every state key this rule may create (``"moments"`` for the
+        declared moments, :attr:`extra_state`'s for the others)."""
         keys = [m.name for m in self.moments]
         if 8 in self.bits:
             keys += [k for m in self.moments for k in m.storage]
-        return dict.fromkeys(keys, "moments")
+        return {**dict.fromkeys(keys, "moments"), **self.extra_state}
 
     def check_state(self, state: dict, group: dict, label: str | Callable[[], str]) -> None:
         """Raise ``ValueError`` if ``state`` cannot be stepped under ``group``'s settings
