@@ -6,6 +6,8 @@ in ``tests/conftest.py``.
 """
 
 import io
+import os
+import socket
 
 import torch
 
@@ -132,3 +134,27 @@ def spy_calls(monkeypatch, module, name: str) -> list:
     monkeypatch.setattr(module, name, spy)
     return calls
 
+
+
+# -- multi-process scenarios (gloo, 2 CPU ranks) --------------------------------------------
+def free_port() -> int:
+    """A free TCP port on localhost (for a process group's rendezvous)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def spawn_two(fn, tmp_path, *args) -> None:
+    """Run ``fn(rank, 2, port, str(tmp_path), *args)`` in two processes (``init_gloo`` inside)."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(fn, args=(2, free_port(), str(tmp_path), *args), nprocs=2, join=True)
+
+
+def init_gloo(rank: int, world: int, port: int) -> None:
+    """Join the gloo process group of :func:`spawn_two` (one thread per rank)."""
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)

@@ -2,17 +2,22 @@
 refresh-on-rank-0 broadcast (DDP) and FSDP2 shards (torch's fully_shard on gloo, 2 processes)."""
 
 import os
-import socket
 import sys
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 import lowrank_optim as lo
 from lowrank_optim import distributed
-from tests.helpers import lm_loss, replay_recorded_steps, tiny_llama, token_batches
+from tests.helpers import (
+    init_gloo,
+    lm_loss,
+    replay_recorded_steps,
+    spawn_two,
+    tiny_llama,
+    token_batches,
+)
 
 # -- DeepSpeed ZeRO hands the optimizer flattened 1-D partitions: detect, never train unprojected
 
@@ -66,23 +71,6 @@ def test_adamw_baseline_trains_on_flattened_groups():
 # -- multi-process scenarios (gloo, 2 ranks), one spawn for several checks ---------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(fn, tmp_path, *args):
-    port = _free_port()
-    mp.spawn(fn, args=(2, port, str(tmp_path), *args), nprocs=2, join=True)
-
-
-def _init(rank, world, port):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=world)
-    torch.set_num_threads(1)
-
-
 def _nondeterministic_refresh(projector, rank):
     """Make ``projector``'s refresh rank-dependent (as a nondeterministic SVD would be)."""
     inner = projector.refresh
@@ -98,7 +86,7 @@ BROADCAST_CASES = [(name, use) for name in ("galore_adamw", "dct_adamw") for use
 
 
 def _broadcast_worker(rank, world, port, out):
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     for name, use_broadcast in BROADCAST_CASES:
         model = tiny_llama()
         opt = lo.create_optimizer(model, name, rank=8, update_proj_gap=3, lr=1e-2)
@@ -125,7 +113,7 @@ def _broadcast_worker(rank, world, port, out):
 
 
 def test_broadcast_refreshes_makes_nondeterministic_refreshes_agree(tmp_path):
-    _spawn(_broadcast_worker, tmp_path)
+    spawn_two(_broadcast_worker, tmp_path)
     for name, use_broadcast in BROADCAST_CASES:
         r0, r1 = (torch.load(tmp_path / f"{name}-{use_broadcast}-{r}.pt") for r in (0, 1))
         if use_broadcast:  # rank 0's refreshes everywhere: replicas stay bit-identical
@@ -158,6 +146,9 @@ UNSHARDABLE = {  # name: (optimizer, kwargs, the reason the error must give)
                            "error_feedback=True is not supported under FSDP2"),
     "galore_adamw8bit": ("galore_adamw8bit", dict(rank=8, lr=1e-2),
                          "bits=8 is not supported under FSDP2: low-bit optimizer state"),
+    "apollo_adamw": ("apollo_adamw", dict(rank=8, lr=1e-2), "inner rule 'apollo' is not "
+                     "elementwise"),
+    "fira_adamw": ("fira_adamw", dict(rank=8, lr=1e-2), "inner rule 'fira' is not elementwise"),
 }
 
 
@@ -186,7 +177,7 @@ def _count_calls(obj, method: str) -> list:
 
 
 def _fsdp_worker(rank, world, port, out):
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     for case, (name, kwargs) in SHARDED.items():
         model = _fsdp_model()
         opt = lo.create_optimizer(model, name, **kwargs)
@@ -222,7 +213,7 @@ def _fsdp_worker(rank, world, port, out):
 
 def test_fsdp2_sharded_steps_equal_unsharded_steps_or_fail_fast(tmp_path):
     """One spawn for every case (a module fixture would run once per xdist worker)."""
-    _spawn(_fsdp_worker, tmp_path)
+    spawn_two(_fsdp_worker, tmp_path)
     for case, (name, kwargs) in SHARDED.items():
         rec = torch.load(tmp_path / f"{case}.pt")
         model = tiny_llama()

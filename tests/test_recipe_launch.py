@@ -9,7 +9,6 @@ so losses and parameters agree to rounding.
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from recipes import config, pretrain
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,19 +41,13 @@ def python_path() -> str:
     return os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def launch(config: str, nproc: int, out: Path, cache: str, *args: str,
            mixed_precision: str | None = "no") -> subprocess.CompletedProcess:
     """``accelerate launch`` of the recipe on CPU: the working multi-process form (see
     /work/shared/ENVIRONMENT.md: ``--cpu`` would silently run one process)."""
     cmd = [sys.executable, "-m", "accelerate.commands.launch",
            "--config_file", str(ACCELERATE_CONFIGS / config), "--num_processes", str(nproc),
-           "--main_process_port", str(_free_port())]
+           "--main_process_port", str(free_port())]
     if mixed_precision:
         cmd += ["--mixed_precision", mixed_precision]
     cmd += ["-m", "recipes.pretrain", "--config", TEST_CONFIG, "--cache-dir", cache,

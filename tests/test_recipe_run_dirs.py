@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from recipes import checkpoint, pretrain
+from tests.helpers import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TEST_CONFIG = str(ROOT / "recipes" / "configs" / "tiny_test.yaml")
@@ -147,12 +147,6 @@ def test_latest_without_a_checkpoint_starts_a_new_run_and_points_at_old_ones(tmp
 
 
 # -- processes agree ------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.mark.slow
 def test_launched_processes_agree_on_the_new_directory(tmp_path, cache):
     """Two DDP processes started in different seconds would stamp different names: the main
@@ -160,7 +154,7 @@ def test_launched_processes_agree_on_the_new_directory(tmp_path, cache):
     runs = tmp_path / "runs"
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
            str(ROOT / "recipes" / "accelerate" / "ddp.yaml"), "--num_processes", "2",
-           "--mixed_precision", "no", "--main_process_port", str(_free_port()), "-m",
+           "--mixed_precision", "no", "--main_process_port", str(free_port()), "-m",
            "recipes.pretrain",
            "--config", TEST_CONFIG, "--cache-dir", cache, "--runs-dir", str(runs),
            "--max-steps", "2", "--batch-size", "2", "--optimizer", "adamw"]
