@@ -70,6 +70,10 @@ def expected_state(name, tensors, rank, el):
     moments = 2 * el * (sum(b * rank for _, b in low) + sum(map(_numel, plain)))
     if name == "galore_adamw":
         return moments, el * sum(a * rank for a, _ in low), 0, other
+    if name == "fira_adamw":  # GaLore's state + the limiter's fp32 norm per weight
+        return moments, el * sum(a * rank for a, _ in low), 0, other + 4 * len(low)
+    if name in ("apollo_adamw", "apollo_mini"):  # no matrix: int64 seed, step, shape (2)
+        return moments, 0, 32 * len(low), other + 4 * len(low)
     if name == "dct_adamw":  # one shared DCT basis per size; int32 indices + int64 shape
         bases = {a for a, _ in low}
         return moments, el * sum(n * n for n in bases), (4 * rank + 16) * len(low), other
@@ -81,9 +85,9 @@ def _observed(p):
 
 
 @functools.cache
-def profile_7b(name, layerwise=False):
-    """The analytic bf16 profile of LLaMA-7B (rank 1024, seq 256), computed once per run."""
-    return profile("7b", name, rank=1024, precision="bf16", layerwise=layerwise)
+def profile_7b(name, layerwise=False, rank=1024):
+    """The analytic bf16 profile of LLaMA-7B (seq 256), computed once per run."""
+    return profile("7b", name, rank=rank, precision="bf16", layerwise=layerwise)
 
 
 # -- 7B, analytic ----------------------------------------------------------------------------
@@ -99,11 +103,13 @@ def test_7b_parameters_weights_and_gradients():
     assert layerwise.gradients == 2 * 32000 * 4096  # one gradient live: the largest
 
 
-@pytest.mark.parametrize("name", ["adamw", "galore_adamw", "dct_adamw", "galore_adamw8bit",
-                                  "galore_adafactor"])
-def test_7b_state_bytes_equal_the_hand_derived_formula(name):
-    p = profile_7b(name)
-    want = expected_state(name, llama_tensors(**LLAMA_7B), 1024, el=2)
+@pytest.mark.parametrize("name, rank", [
+    ("adamw", 1024), ("galore_adamw", 1024), ("dct_adamw", 1024), ("galore_adamw8bit", 1024),
+    ("galore_adafactor", 1024), ("fira_adamw", 1024), ("apollo_adamw", 256),
+    ("apollo_mini", 1)])
+def test_7b_state_bytes_equal_the_hand_derived_formula(name, rank):
+    p = profile_7b(name, rank=rank)
+    want = expected_state(name, llama_tensors(**LLAMA_7B), rank, el=2)
     assert _observed(p) == want
 
 
@@ -123,7 +129,8 @@ def test_7b_galore_numbers_of_the_paper_arithmetic():
 
 
 # -- tiny, measured on real tensors ------------------------------------------------------------
-@pytest.mark.parametrize("name", ["adamw", "galore_adamw", "dct_adamw", "galore_adafactor"])
+@pytest.mark.parametrize("name", ["adamw", "galore_adamw", "dct_adamw", "galore_adafactor",
+                                  "fira_adamw", "apollo_adamw"])
 def test_measured_tiny_state_bytes_equal_the_hand_derived_formula(name):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
