@@ -16,9 +16,14 @@ and the periodic validation loss come from the recipe's ``metrics.jsonl``; the f
 Outputs: ``benchmarks/results/loss_curves_<dev>.md`` (table, ratios against AdamW) and
 ``loss_curves_<dev>.png`` (smoothed train loss as lines, validation loss as markers).
 
-    python -m benchmarks.loss_curves              # 300 steps (tiny.yaml's), ~2-4 min on 2 cores
+    python -m benchmarks.loss_curves              # 300 steps (tiny.yaml's), ~4-6 min on 2 cores
+    python -m benchmarks.loss_curves --seeds 0 1 2  # each optimizer with 3 seeds: mean +- std
     python -m benchmarks.loss_curves --quick      # 60 steps; writes only under --output-dir
     python -m benchmarks.loss_curves --optimizers adamw galore_adamw --steps 100
+
+With several seeds every optimizer runs once per seed (initialisation and data order change
+together); the table gives the mean and the sample standard deviation over seeds and the plot
+shows the first seed's curves.
 """
 
 from __future__ import annotations
@@ -42,8 +47,10 @@ ROOT = HERE.parent
 RECIPES = ROOT / "recipes"
 CONFIG = RECIPES / "configs" / "tiny.yaml"
 
-#: the README demo's methods: full-rank, LoRA, and the library's three projected families
-OPTIMIZERS = ("adamw", "lora", "galore_adamw", "dct_adamw", "sst_adamw")
+#: the README demo's methods: full-rank, LoRA, the library's three projected families and the
+#: methods built on the same core (APOLLO, APOLLO-Mini, Fira over SVD and DCT)
+OPTIMIZERS = ("adamw", "lora", "galore_adamw", "dct_adamw", "sst_adamw", "apollo_adamw",
+              "apollo_mini", "fira_adamw", "dct_fira_adamw")
 DEFAULT_STEPS = 300  # tiny.yaml's max_steps
 QUICK_STEPS = 60
 #: validation evaluations per run (besides the final one): every ``steps // EVALS`` steps
@@ -221,36 +228,60 @@ def resolved_settings(args: list[str]) -> Any:
     return parse_args(args)
 
 
-def table(runs: dict[str, dict[str, Any]], settings: dict[str, Any],
+def mean_std(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for a single value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+
+
+def _with_spread(values: list[float], digits: int = 4) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if len(values) > 1 else "")
+
+
+def table(runs: dict[str, list[dict[str, Any]]], settings: dict[str, Any],
           seconds: dict[str, float]) -> str:
-    """Markdown table of final numbers, with ratios against AdamW when it ran.
+    """Markdown table of final numbers over seeds, with ratios against AdamW when it ran.
 
     Parameters
     ----------
     runs : dict
-        Optimizer name to :func:`read_run`'s result.
+        Optimizer name to the :func:`read_run` results of its seeds (one or more).
     settings : dict
         Optimizer name to its resolved ``RecipeConfig``.
     seconds : dict
-        Optimizer name to the wall seconds of its launch.
+        Optimizer name to the wall seconds of its launches (summed over seeds).
 
     Returns
     -------
     str
-        The table, in markdown.
+        The table, in markdown: validation loss and train loss as mean ± std over seeds
+        (plain with one seed), perplexity of the mean loss, state bytes of the first seed.
     """
+    def val(name: str) -> list[float]:
+        return [r["summary"]["val_loss"] for r in runs[name]]
+
     base = runs.get("adamw")
-    lines = ["| optimizer | lr | final val loss | val ppl | val loss / AdamW | train loss "
-             "(last 10%) | state bytes | state / AdamW | tokens/s | run s |",
+    seeds = len(next(iter(runs.values())))
+    lines = [f"| optimizer | lr | final val loss{' (mean ± std)' if seeds > 1 else ''} | "
+             "val ppl | val loss / AdamW | train loss (last 10%) | state bytes | "
+             "state / AdamW | tokens/s | run s |",
              "|---|---|---|---|---|---|---|---|---|---|"]
-    for name, run in runs.items():
-        s, cfg = run["summary"], settings[name]
-        tail = [v for _, v in run["train"][-max(1, len(run["train"]) // 10):]]
-        ratio = f"{s['val_loss'] / base['summary']['val_loss']:.3f}" if base else "-"
-        state = f"{run['state_bytes'] / base['state_bytes']:.2f}x" if base else "-"
-        lines.append(f"| {name} | {cfg.lr:g} | {s['val_loss']:.4f} | {s['val_ppl']:.1f} | "
-                     f"{ratio} | {sum(tail) / len(tail):.4f} | {run['state_bytes']:,} | "
-                     f"{state} | {s['tokens_per_s']:,.0f} | {_seconds(seconds[name])} |")
+    for name, seed_runs in runs.items():
+        cfg, first = settings[name], seed_runs[0]
+        tails = []
+        for run in seed_runs:
+            tail = [v for _, v in run["train"][-max(1, len(run["train"]) // 10):]]
+            tails.append(sum(tail) / len(tail))
+        mean = mean_std(val(name))[0]
+        ratio = f"{mean / mean_std(val('adamw'))[0]:.3f}" if base else "-"
+        state = f"{first['state_bytes'] / base[0]['state_bytes']:.2f}x" if base else "-"
+        speed = mean_std([r["summary"]["tokens_per_s"] for r in seed_runs])[0]
+        lines.append(f"| {name} | {cfg.lr:g} | {_with_spread(val(name))} | {math.exp(mean):.1f} "
+                     f"| {ratio} | {_with_spread(tails)} | {first['state_bytes']:,} | "
+                     f"{state} | {speed:,.0f} | {_seconds(seconds[name])} |")
     return "\n".join(lines)
 
 
@@ -259,23 +290,28 @@ def _seconds(value: float) -> str:
 
 
 def describe(runs: dict[str, dict[str, Any]], settings: dict[str, Any], steps: int,
-             eval_every: int, seed: int) -> str:
+             eval_every: int, seeds: list[int]) -> str:
     """The paragraph above the table: what ran, with which settings."""
     cfg = next(iter(settings.values()))
     data = next(iter(runs.values()))["summary"]["data"]
     per_opt = "; ".join(
-        f"{n}: lr {c.lr:g}" + (f", update_proj_gap {c.update_proj_gap}" if c.update_proj_gap
-                                else "") + (f", scale {c.scale:g}" if c.scale else "")
+        f"{n}: lr {c.lr:g}" + (f", rank {c.rank}" if c.rank != cfg.rank else "")
+        + (f", update_proj_gap {c.update_proj_gap}" if c.update_proj_gap else "")
+        + (f", scale {c.scale:g}" if c.scale else "")
         for n, c in settings.items())
+    seed_text = (f"seed {seeds[0]} for every optimizer" if len(seeds) == 1 else
+                 f"seeds {', '.join(map(str, seeds))} for every optimizer (mean ± sample std "
+                 "over seeds in the table; the plot shows the first seed)")
     return (
         f"`recipes/pretrain.py` on `recipes/configs/tiny.yaml` (tiny LLaMA: hidden 64, 2 "
         f"layers; a {cfg.vocab_size}-token BPE trained locally), one process, fp32, "
         f"`OMP_NUM_THREADS=1`. Data: {data}. {steps} steps of batch {cfg.batch_size} x "
         f"{cfg.seq_len} tokens, linear warm-up over {cfg.warmup_ratio:.0%} then cosine to "
-        f"{cfg.min_lr_ratio:.0%} of the peak, seed {seed} for every optimizer (same "
-        f"initialisation and data order), rank {cfg.rank} (LoRA r, GaLore/DCT projection rank, "
-        f"SST sampled vectors), no weight decay. Settings per optimizer (tiny.yaml's "
-        f"`optimizer_overrides`): {per_opt}. Validation: mean loss on {cfg.eval_samples} "
+        f"{cfg.min_lr_ratio:.0%} of the peak, {seed_text} (a seed sets the "
+        f"initialisation and data order), rank {cfg.rank} (LoRA r, GaLore/DCT/APOLLO/Fira "
+        f"projection rank, SST sampled vectors) unless listed below, no weight decay. "
+        f"Settings per optimizer (tiny.yaml's `optimizer_overrides`): {per_opt}. "
+        f"Validation: mean loss on {cfg.eval_samples} "
         f"held-out windows every {eval_every} steps and at the end; perplexity = exp(loss). "
         "State bytes: the optimizer's state tensors (moments, projectors, indices), largest "
         "value logged. tokens/s counts training steps only (no evaluation), one BLAS thread, "
@@ -307,7 +343,7 @@ def reading(runs: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
     full = sum(p.numel() for n, p in model.named_parameters()
                if "embed_tokens" in n or "lm_head" in n)
     order = sorted(runs, key=lambda n: runs[n]["summary"]["val_loss"])
-    text = (f"Reading: lowest final validation loss {order[0]} "
+    text = (f"Reading (first seed): lowest final validation loss {order[0]} "
             f"({runs[order[0]]['summary']['val_loss']:.4f})")
     if "adamw" in runs:
         text += f"; full-rank AdamW ranks {order.index('adamw') + 1} of {len(order)}"
@@ -341,7 +377,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
                     help=f"optimizer steps (default {DEFAULT_STEPS}, --quick {QUICK_STEPS})")
     ap.add_argument("--eval-every", type=int, default=None,
                     help=f"validation interval (default steps // {EVALS})")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0],
+                    help="one run per optimizer and seed (default: 0)")
     ap.add_argument("--output-dir", default=str(ROOT / "runs" / "loss_curves"),
                     help="the recipe's run directories go here, one per optimizer")
     ap.add_argument("--quick", action="store_true",
@@ -355,17 +392,22 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         ap.error("--steps and --eval-every must be positive")
     torch.set_num_threads(1)  # as the runs (OMP_NUM_THREADS=1); machine() reports it
     root = Path(args.output_dir)
-    runs, settings, seconds = {}, {}, {}
+    by_seed: dict[str, list[dict[str, Any]]] = {}
+    settings, seconds = {}, {}
     for name in args.optimizers:
-        flags = recipe_args(name, steps, eval_every, args.seed, root / name)
-        try:
-            settings[name] = resolved_settings(flags)
-        except ValueError as e:
-            ap.error(str(e))
-        seconds[name] = math.nan if args.collect_only else run_recipe(name, flags)
-        runs[name] = read_run(root / name)
+        by_seed[name], seconds[name] = [], 0.0
+        for seed in args.seeds:
+            out = root / name if len(args.seeds) == 1 else root / name / f"seed{seed}"
+            flags = recipe_args(name, steps, eval_every, seed, out)
+            try:
+                settings[name] = resolved_settings(flags)
+            except ValueError as e:
+                ap.error(str(e))
+            seconds[name] += math.nan if args.collect_only else run_recipe(name, flags)
+            by_seed[name].append(read_run(out))
+    runs = {name: seed_runs[0] for name, seed_runs in by_seed.items()}
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    body_table = table(runs, settings, seconds)
+    body_table = table(by_seed, settings, seconds)
     print(f"\n{body_table}", flush=True)
     if args.quick:
         name, results = f"loss_curves_{device}_quick", root
@@ -375,7 +417,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
         results.mkdir(parents=True, exist_ok=True)
     png = results / f"{name}.png"
     plotted = plot(runs, steps, png)
-    body = "\n\n".join([describe(runs, settings, steps, eval_every, args.seed), body_table,
+    body = "\n\n".join([describe(runs, settings, steps, eval_every, args.seeds), body_table,
                         reading(runs, settings),
                         *([f"![loss curves]({png.name})"] if plotted else [])])
     title = f"Loss curves on the embedded corpus ({device.upper()}, tiny LLaMA, {steps} steps)"

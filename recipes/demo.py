@@ -34,8 +34,9 @@ from recipes.pretrain import format_table
 
 HERE = Path(__file__).resolve().parent
 
-#: shown when available (dct_adamw / sst_adamw come from lowrank_optim's registry)
-DEMO_OPTIMIZERS = ("adamw", "lora", "galore_adamw", "dct_adamw", "sst_adamw")
+#: shown when available (all but lora come from lowrank_optim's registry)
+DEMO_OPTIMIZERS = ("adamw", "lora", "galore_adamw", "dct_adamw", "sst_adamw",
+                   "apollo_adamw", "apollo_mini", "fira_adamw", "dct_fira_adamw")
 
 
 def _recipe_args(config: str, name: str, out: Path, extra: list[str]) -> list[str]:
