@@ -13,7 +13,8 @@ size of all gradients but the largest few.  :class:`LayerwiseOptimizer` wraps a
   summed full gradient (to rounding).  In a window where the subspace refreshes (the first
   step, a requested refresh, every ``update_proj_gap`` steps) the new subspace is computed
   from the full gradient, so that window accumulates full gradients in ``param.grad``;
-  unprojected parameters always do.
+  unprojected parameters always do, and so does every parameter of a rule that steps with the
+  full gradient (:attr:`Rule.full_gradient`: APOLLO, Fira).
 * **Learning-rate schedules.**  ``param_groups`` *is* the wrapped optimizer's list, so an LR
   scheduler built on the wrapper (``transformers.get_scheduler``, ``torch.optim.lr_scheduler``)
   drives the real learning rates, and the Trainer logs them correctly.

@@ -23,8 +23,10 @@ from lowrank_optim import distributed
 from tests.helpers import lm_loss, tiny_llama, token_batches
 
 STEPS = 3
-KWARGS = {"adamw": dict(lr=1e-2), "galore_adamw": dict(rank=8, update_proj_gap=2, lr=1e-2)}
-TRAINS = [("adamw", 1), ("adamw", 2), ("adamw", 3), ("galore_adamw", 0)]  # must equal the ref
+KWARGS = {"adamw": dict(lr=1e-2), "galore_adamw": dict(rank=8, update_proj_gap=2, lr=1e-2),
+          "apollo_mini": dict(update_proj_gap=2, lr=1e-2)}
+TRAINS = [("adamw", 1), ("adamw", 2), ("adamw", 3), ("galore_adamw", 0),
+          ("apollo_mini", 0)]  # must equal the ref
 REFUSES = [("galore_adamw", 1), ("galore_adamw", 2), ("galore_adamw", 3)]  # must raise
 
 

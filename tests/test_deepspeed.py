@@ -60,7 +60,8 @@ def deepspeed_launch(module: str, *args: str) -> list[str]:
 
 @pytest.mark.parametrize("name, fsdp2", [
     ("galore_adamw", True), ("dct_adamw", True), ("galore_adafactor", False),
-    ("galore_adamw8bit", False), ("dct_adamw8bit", False),
+    ("galore_adamw8bit", False), ("dct_adamw8bit", False), ("apollo_adamw", False),
+    ("fira_adamw", False),
 ])
 def test_zero_refusal_names_the_engines_that_run_this_optimizer(name, fsdp2):
     kwargs = {"relative_step": False} if "adafactor" in name else {}
@@ -127,7 +128,8 @@ def test_zero_stages_against_the_real_engine(tmp_path):
     assert proc.returncode == 0 and (tmp_path / "done1").exists(), (
         proc.stdout[-3000:] + proc.stderr[-5000:])
     results = json.loads((tmp_path / "results.json").read_text())
-    for case in ("adamw-zero1", "adamw-zero2", "galore_adamw-zero0"):  # the same sums: exact
+    for case in ("adamw-zero1", "adamw-zero2", "galore_adamw-zero0",  # the same sums: exact
+                 "apollo_mini-zero0"):
         assert results[case]["max_diff"] == 0.0 and results[case]["moved"] > 1e-2, case
     # ZeRO-3 reduce-scatters in another order; Adam's first step magnifies that rounding
     assert results["adamw-zero3"]["max_diff"] < 2e-4, results["adamw-zero3"]
