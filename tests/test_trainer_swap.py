@@ -30,6 +30,8 @@ SETTINGS: dict[str, dict] = {
     "dct_adafactor": dict(rank=8, update_proj_gap=4, lr=1e-2, relative_step=False,
                           scale_parameter=False),
     "sst_adamw": dict(rank=8, lr=1e-2, iteration_length=4),
+    # rank 1 and one factor per tensor learn more slowly per step: a larger lr for 6 steps
+    "apollo_mini": dict(rank=1, lr=3e-2),
 }
 #: every low-rank optimizer of the registry (a new one without settings gets rank 8, lr 1e-2)
 LOWRANK = [n for n in lo.available() if n not in ("adamw",)]
