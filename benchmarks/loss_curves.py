@@ -257,8 +257,9 @@ def table(runs: dict[str, list[dict[str, Any]]], settings: dict[str, Any],
     Returns
     -------
     str
-        The table, in markdown: validation loss and train loss as mean ± std over seeds
-        (plain with one seed), perplexity of the mean loss, state bytes of the first seed.
+        The table, in markdown: validation loss, its ratio to AdamW's of the same seed and the
+        train loss as mean ± std over seeds (plain with one seed), perplexity of the mean
+        loss, state bytes of the first seed.
     """
     def val(name: str) -> list[float]:
         return [r["summary"]["val_loss"] for r in runs[name]]
@@ -276,7 +277,9 @@ def table(runs: dict[str, list[dict[str, Any]]], settings: dict[str, Any],
             tail = [v for _, v in run["train"][-max(1, len(run["train"]) // 10):]]
             tails.append(sum(tail) / len(tail))
         mean = mean_std(val(name))[0]
-        ratio = f"{mean / mean_std(val('adamw'))[0]:.3f}" if base else "-"
+        # per seed (a seed also changes the data order), then averaged
+        ratio = (_with_spread([v / b for v, b in zip(val(name), val("adamw"), strict=True)], 3)
+                 if base else "-")
         state = f"{first['state_bytes'] / base[0]['state_bytes']:.2f}x" if base else "-"
         speed = mean_std([r["summary"]["tokens_per_s"] for r in seed_runs])[0]
         lines.append(f"| {name} | {cfg.lr:g} | {_with_spread(val(name))} | {math.exp(mean):.1f} "
