@@ -52,15 +52,18 @@ NAMES = ["torch AdamW", "galore-torch", "lowrank_optim", "lowrank_optim DCT", "l
 #: (torch AdamW with foreach), torch's fused kernel, galore-torch and each of ours
 MODEL_NAMES = ["torch AdamW foreach", "torch AdamW fused", "galore-torch", "lowrank_optim",
                "lowrank_optim randomized", "lowrank_optim warm", "lowrank_optim DCT",
-               "lowrank_optim 8-bit", "lowrank_optim SST"]
+               "lowrank_optim 8-bit", "lowrank_optim SST", "lowrank_optim APOLLO",
+               "lowrank_optim APOLLO-Mini", "lowrank_optim Fira"]
 EVERY_STEP = {"lowrank_optim DCT"}
 NO_SUBSPACE = {"torch AdamW", "torch AdamW fused", "torch AdamW foreach"}
 #: optimizers that may also be named (``--optimizers``); not in the default block table
 EXTRA = ["torch AdamW fused", "torch AdamW foreach", "lowrank_optim randomized",
-         "lowrank_optim warm", "lowrank_optim SST"]
+         "lowrank_optim warm", "lowrank_optim SST", "lowrank_optim APOLLO",
+         "lowrank_optim APOLLO-Mini", "lowrank_optim Fira"]
 #: ours: the names ``--backends`` times once per kernel backend (``name [backend]``)
 OURS = {"lowrank_optim", "lowrank_optim DCT", "lowrank_optim 8-bit", "lowrank_optim randomized",
-        "lowrank_optim warm", "lowrank_optim SST"}
+        "lowrank_optim warm", "lowrank_optim SST", "lowrank_optim APOLLO",
+        "lowrank_optim APOLLO-Mini", "lowrank_optim Fira"}
 #: GaLore's refresh method of each of our GaLore names
 SVD_METHOD = {"lowrank_optim": "exact", "lowrank_optim randomized": "randomized",
               "lowrank_optim warm": "warm", "lowrank_optim 8-bit": "exact"}
@@ -89,6 +92,13 @@ def make(name: str, params, rank: int, gap: int, plain=None):
         return lo.DCTAdamW([{**group[0], "update_proj_gap": 1}, *rest], lr=1e-3)
     if name == "lowrank_optim 8-bit":
         return lo.GaLoreAdamW8bit(group + rest, lr=1e-3)
+    if name == "lowrank_optim APOLLO":  # its matrix is redrawn from the seed every step
+        return lo.ApolloAdamW([{**group[0], "scale": 1.0}, *rest], lr=1e-3)
+    if name == "lowrank_optim APOLLO-Mini":
+        return lo.ApolloMini([{**group[0], "rank": 1, "scale": lo.ApolloMini.default_scale},
+                              *rest], lr=1e-3)
+    if name == "lowrank_optim Fira":
+        return lo.FiraAdamW(group + rest, lr=1e-3)
     if name in NO_SUBSPACE:
         kind = name.removeprefix("torch AdamW").strip()
         kw = {"fused": True} if kind == "fused" else {"foreach": True} if kind == "foreach" else {}
