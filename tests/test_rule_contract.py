@@ -184,9 +184,10 @@ def test_declared_capabilities_decide_what_fsdp2_and_bits_accept():
 
 
 def _fsdp_lion_worker(rank, world, port, out):
-    from tests.test_recipe_engines import _fsdp_model, _init
+    from tests.helpers import init_gloo
+    from tests.test_recipe_engines import _fsdp_model
 
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     model = _fsdp_model()
     opt = lo.create_optimizer(model, "galore_lion", rank=8, update_proj_gap=2, lr=1e-3)
     grads, params = [], []
@@ -202,9 +203,9 @@ def _fsdp_lion_worker(rank, world, port, out):
 
 
 def test_fsdp2_shards_step_the_new_rule_like_one_process(tmp_path):
-    from tests.test_recipe_engines import _spawn
+    from tests.helpers import spawn_two
 
-    _spawn(_fsdp_lion_worker, tmp_path)
+    spawn_two(_fsdp_lion_worker, tmp_path)
     rec = torch.load(tmp_path / "lion.pt")
     model = tiny_llama()
     opt = lo.create_optimizer(model, "galore_lion", rank=8, update_proj_gap=2, lr=1e-3)

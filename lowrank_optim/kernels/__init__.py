@@ -20,6 +20,8 @@ SST's sampled singular vectors use ``gather_lowrank`` (columns) and ``scatter_ad
 8-bit optimizer state (``bits=8``): ``adam_update_8bit`` (dequantise -> Adam -> requantise,
 one fused kernel on CUDA), ``quantize_blockwise`` and ``dequantize_blockwise`` (the torch path
 is :mod:`lowrank_optim.kernels.blockwise`, the numeric specification of the codes).
+4-bit codes (two per byte; quantised projector bases and error-feedback buffers):
+``quantize_blockwise_4bit`` / ``dequantize_blockwise_4bit``, torch ops on every backend.
 Operations without a Triton kernel (the FFT route, ``dct_scores``, ``rotate_lowrank``,
 ``remap_lowrank_``, ``scatter_add_columns_``, ``decoupled_decay``) are the reference functions
 themselves.
@@ -32,6 +34,7 @@ from lowrank_optim.kernels.dispatch import (
     current_backend,
     dct_scores_matmul,
     dequantize_blockwise,
+    dequantize_blockwise_4bit,
     gather_lowrank,
     indexed_basis,
     project,
@@ -41,6 +44,7 @@ from lowrank_optim.kernels.dispatch import (
     project_back_update,
     project_indexed,
     quantize_blockwise,
+    quantize_blockwise_4bit,
     requested_backend,
     set_backend,
     update_param,
@@ -72,6 +76,7 @@ __all__ = [
     "dct_scores_matmul",
     "decoupled_decay",
     "dequantize_blockwise",
+    "dequantize_blockwise_4bit",
     "gather_lowrank",
     "indexed_basis",
     "project",
@@ -81,6 +86,7 @@ __all__ = [
     "project_back_update",
     "project_indexed",
     "quantize_blockwise",
+    "quantize_blockwise_4bit",
     "remap_lowrank_",
     "requested_backend",
     "rotate_lowrank",

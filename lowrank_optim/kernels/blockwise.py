@@ -1,4 +1,4 @@
-"""Block-wise 8-bit quantisation of optimizer moments (pure torch reference).
+"""Block-wise 8-bit (and 4-bit) quantisation of optimizer state (pure torch reference).
 
 A tensor is split into blocks of ``block_size`` consecutive elements (flattened); each block
 stores one fp32 ``absmax`` and one uint8 code per element indexing a 256-entry table of values
@@ -47,6 +47,16 @@ This module is the specification: :func:`lowrank_optim.kernels.quantize_blockwis
 Triton kernels (:mod:`lowrank_optim.kernels.triton_quant`) read the same :func:`table` and
 :func:`midpoints`.
 
+4-bit codes (:func:`quantize_4bit` / :func:`dequantize_4bit`, ``bits=4`` of :func:`table`):
+the same blocks, absmax and nearest-entry rule with 16-entry tables built by the same
+construction (``"linear"``: ``k / 7`` for ``k = -7 .. 7`` and a duplicate 1 signed, ``k / 15``
+unsigned; ``"dynamic"``: 3 decades signed, 4 unsigned), two codes per byte along the last axis
+(:func:`packed_shape`), so a tensor costs ``numel / 2 + 4 * blocks`` bytes
+(:func:`nbytes_4bit`).  They are plain torch ops (``torch.bucketize``, no lookup tables, no
+Triton kernel) and run as they are on every device; quantised projector state (bases, error
+feedback) uses them, the optimizer moments do not.  The 8-bit codes and their bits are not
+affected by the 4-bit tables.
+
 The low-bit optimizer-state layout built on these codes (which entries, which table, the
 param-group keys) is :mod:`lowrank_optim.rules.lowbit`.  This module imports nothing from
 the rest of the package.
@@ -62,17 +72,22 @@ from functools import cache
 import torch
 
 CODES = ("dynamic", "linear")
+#: code widths: 8 bits (one code per byte, :func:`quantize`) and 4 bits (two codes per byte,
+#: :func:`quantize_4bit`)
+BITS = (8, 4)
 
 
 @cache
-def _table_cpu(code: str, signed: bool) -> torch.Tensor:
+def _table_cpu(code: str, signed: bool, bits: int = 8) -> torch.Tensor:
     if code == "linear":
-        if signed:  # 255 symmetric levels incl. an exact 0, plus a duplicate 1 (256 slots)
-            return torch.cat([torch.arange(-127, 128) / 127.0, torch.ones(1)]).double()
-        return (torch.arange(256) / 255.0).double()
+        if signed:  # 2^bits - 1 symmetric levels incl. an exact 0, plus a duplicate 1
+            half = 2 ** (bits - 1) - 1
+            return torch.cat([torch.arange(-half, half + 1) / float(half),
+                              torch.ones(1)]).double()
+        return (torch.arange(2**bits) / float(2**bits - 1)).double()
     # dynamic: decade e holds 2**k levels (k growing with the decade size)
-    decades = 7 if signed else 8
-    levels = 127 if signed else 255
+    decades = bits - 1 if signed else bits
+    levels = 2 ** (bits - 1) - 1 if signed else 2**bits - 1
     pos: list[float] = []
     for i in range(decades):  # decade 10^-(decades-1-i) gets 2^i levels, the top the rest
         n = levels - len(pos) if i == decades - 1 else 2**i
@@ -88,40 +103,52 @@ def _table_cpu(code: str, signed: bool) -> torch.Tensor:
 
 
 @cache
-def _device_table(code: str, signed: bool, device: torch.device) -> torch.Tensor:
-    t = _table_cpu(code, signed)
-    assert t.numel() == 256, t.numel()
+def _device_table(code: str, signed: bool, device: torch.device, bits: int = 8) -> torch.Tensor:
+    t = _table_cpu(code, signed, bits)
+    assert t.numel() == 2**bits, t.numel()
     return t.float().to(device)
 
 
 @cache
-def _device_midpoints(code: str, signed: bool, device: torch.device) -> torch.Tensor:
-    values = _device_table(code, signed, device)
+def _device_midpoints(code: str, signed: bool, device: torch.device,
+                      bits: int = 8) -> torch.Tensor:
+    values = _device_table(code, signed, device, bits)
     mids = (values[1:] + values[:-1]) / 2
     if not signed:  # no flush to zero: every positive value gets at least the first level
         mids[0] = 0.0
     return mids
 
 
-def table(code: str, signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 256 representable normalised values (sorted, fp32) of ``code``.
+def _check_bits(bits: int) -> None:
+    if isinstance(bits, bool) or bits not in BITS:
+        raise ValueError(f"Invalid bits={bits!r}: block-wise codes are {BITS[0]}-bit (one code "
+                         f"per byte) or {BITS[1]}-bit (two codes per byte).")
+
+
+def table(code: str, signed: bool, device: torch.device | str = "cpu",
+          bits: int = 8) -> torch.Tensor:
+    """The ``2**bits`` representable normalised values (sorted, fp32) of ``code``: 256 for
+    the 8-bit codes, 16 for the 4-bit ones (:data:`BITS`).
 
     Cached per device and shared: do not modify the returned tensor.
     """
     if code not in CODES:
         raise ValueError(f"Invalid code={code!r}: choose one of {CODES}.")
-    return _device_table(code, signed, torch.device(device))
+    _check_bits(bits)
+    return _device_table(code, signed, torch.device(device), bits)
 
 
-def midpoints(code: str, signed: bool, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The 255 decision boundaries (fp32) between consecutive :func:`table` entries: a value
-    ``x`` (normalised by its block's absmax) gets the code ``#{boundaries < x}``.  Shared.
+def midpoints(code: str, signed: bool, device: torch.device | str = "cpu",
+              bits: int = 8) -> torch.Tensor:
+    """The ``2**bits - 1`` decision boundaries (fp32) between consecutive :func:`table`
+    entries: a value ``x`` (normalised by its block's absmax) gets the code
+    ``#{boundaries < x}``.  Shared.
 
     Boundaries are the midpoints of consecutive entries, except the first boundary of the
     unsigned table, which is 0: a positive value is never stored as zero but rounds up to the
     smallest positive level (see the module notes on second moments)."""
-    table(code, signed)  # validates the name
-    return _device_midpoints(code, signed, torch.device(device))
+    table(code, signed, bits=bits)  # validates the name and the width
+    return _device_midpoints(code, signed, torch.device(device), bits)
 
 
 #: elements one CPU chunk holds (rounded down to whole blocks, at least one): the loops of
@@ -187,9 +214,9 @@ def codes_of(normed: torch.Tensor, code: str, signed: bool) -> torch.Tensor:
     return out.int().view(normed.shape)
 
 
-def zero_code(code: str, signed: bool) -> int:
+def zero_code(code: str, signed: bool, bits: int = 8) -> int:
     """The code of 0.0 (every table holds an exact zero): what a zero-initialised moment is."""
-    return int(torch.bucketize(torch.zeros(()), midpoints(code, signed)))
+    return int(torch.bucketize(torch.zeros(()), midpoints(code, signed, bits=bits)))
 
 
 def num_blocks(numel: int, block_size: int) -> int:
@@ -399,12 +426,13 @@ def dequantize(
     return out.copy_(result)
 
 
-def error_bound(x: torch.Tensor, absmax_per_elem: torch.Tensor, code: str, signed: bool
-                ) -> torch.Tensor:
-    """Per-element bound on ``|x - dequantize(quantize(x))|``: half the table gap around x
-    (the whole first gap for positive values below the unsigned table's first level, which
-    round up to it)."""
-    values = table(code, signed, x.device)
+def error_bound(x: torch.Tensor, absmax_per_elem: torch.Tensor, code: str, signed: bool,
+                bits: int = 8) -> torch.Tensor:
+    """Per-element bound on ``|x - dequantize(quantize(x))|`` (``bits=4``: of
+    :func:`dequantize_4bit` of :func:`quantize_4bit`): half the table gap around x (the whole
+    first gap for positive values below the unsigned table's first level, which round up to
+    it)."""
+    values = table(code, signed, x.device, bits)
     normed = (x / absmax_per_elem.clamp_min(torch.finfo(torch.float32).tiny)).clamp(-1, 1)
     hi = torch.bucketize(normed, values).clamp(1, values.numel() - 1)
     gap = values[hi] - values[hi - 1]
@@ -465,3 +493,98 @@ def zeros(
 def nbytes(numel: int, block_size: int) -> int:
     """Bytes of one quantised tensor: codes + fp32 absmax."""
     return numel + 4 * num_blocks(numel, block_size)
+
+
+# -- 4-bit codes: two per byte -----------------------------------------------------------------
+def packed_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, ...]:
+    """Shape of the packed 4-bit codes of a tensor of ``shape`` (at least 1-D): the last axis
+    holds two codes per byte, ``ceil(shape[-1] / 2)`` bytes per row."""
+    dims = tuple(int(s) for s in shape)
+    if not dims:
+        raise ValueError("4-bit codes pack the last axis in pairs: quantise a tensor of at "
+                         "least one dimension (reshape a scalar to (1,)).")
+    return (*dims[:-1], math.ceil(dims[-1] / 2))
+
+
+def nbytes_4bit(shape: torch.Size | tuple[int, ...], block_size: int) -> int:
+    """Bytes of one 4-bit quantised tensor of ``shape``: packed codes + fp32 absmax
+    (``numel / 2 + 4 * blocks`` when the last axis is even)."""
+    return math.prod(packed_shape(shape)) + 4 * num_blocks(math.prod(shape), block_size)
+
+
+def _pack(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 pairs of the 4-bit ``codes`` (integers < 16) along the last axis: element ``2j``
+    in the low nibble, ``2j + 1`` in the high one (an odd axis is padded with code 0)."""
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    pairs = codes.reshape(*codes.shape[:-1], -1, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).to(torch.uint8)
+
+
+def _unpack(packed: torch.Tensor, last: int) -> torch.Tensor:
+    """The uint8 4-bit codes of :func:`_pack`'s ``packed``, ``last`` of them per row."""
+    pairs = torch.stack((packed & 0xF, packed >> 4), dim=-1)
+    return pairs.reshape(*packed.shape[:-1], -1)[..., :last]
+
+
+def quantize_4bit(
+    x: torch.Tensor, block_size: int = 256, code: str = "dynamic", signed: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed codes uint8 of packed_shape(x.shape), absmax fp32 of ceil(numel /
+    block_size))``: the 4-bit codes of ``x``.
+
+    The same block-wise scheme as :func:`quantize` with a 16-entry table (:func:`table` with
+    ``bits=4``: ``"linear"`` holds ``k / 7``, ``k = -7 .. 7``, and a duplicate 1; ``"dynamic"``
+    three decades of 1, 2 and 4 levels): blocks of ``block_size`` consecutive elements of the
+    flattened ``x`` (the last one zero-padded), ``absmax = max |x|`` per block, each element
+    the nearest entry of ``x / absmax`` (``torch.bucketize`` on :func:`midpoints`).  Codes are
+    packed two per byte along the last axis (:func:`packed_shape`), so the tensor costs
+    :func:`nbytes_4bit` bytes.  Pure torch ops (any device); a meta tensor gives meta results of
+    the right shapes without computing anything.
+
+    Parameters
+    ----------
+    x
+        Tensor of at least one dimension (any floating dtype; computed in fp32).
+    block_size, code, signed
+        Block length, table name (:data:`CODES`) and table sign.
+    """
+    mids = midpoints(code, signed, x.device, bits=4)
+    shape, n = tuple(x.shape), x.numel()
+    packed = packed_shape(shape)
+    absmax = torch.empty(num_blocks(n, block_size), dtype=torch.float32, device=x.device)
+    if x.is_meta:
+        return torch.empty(packed, dtype=torch.uint8, device=x.device), absmax
+    rows = _blocks(x, block_size)
+    torch.amax(rows.abs(), 1, out=absmax)
+    normed = rows / absmax.clamp_min(torch.finfo(torch.float32).tiny).unsqueeze(1)
+    codes = torch.bucketize(normed.view(-1)[:n], mids, out_int32=True).view(shape)
+    return _pack(codes), absmax
+
+
+def dequantize_4bit(
+    packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size | tuple[int, ...],
+    block_size: int = 256, code: str = "dynamic", signed: bool = True,
+) -> torch.Tensor:
+    """fp32 tensor of ``shape`` held by :func:`quantize_4bit`'s ``(packed, absmax)``:
+    ``table[code] * absmax``.  Pure torch ops; meta in, meta out.
+
+    Raises
+    ------
+    ValueError
+        ``packed`` / ``absmax`` do not have the sizes of a tensor of ``shape`` in blocks of
+        ``block_size`` (a state written with other settings).
+    """
+    values = table(code, signed, packed.device, bits=4)
+    shape = tuple(int(s) for s in shape)
+    n = math.prod(shape)
+    if tuple(packed.shape) != packed_shape(shape) or absmax.numel() != num_blocks(n, block_size):
+        raise ValueError(f"4-bit codes of shape {tuple(packed.shape)} with {absmax.numel()} "
+                         f"scales do not hold a tensor of shape {shape} in blocks of "
+                         f"{block_size} (expected codes {packed_shape(shape)} and "
+                         f"{num_blocks(n, block_size)} scales).")
+    if packed.is_meta:
+        return torch.empty(shape, dtype=torch.float32, device=packed.device)
+    codes = _unpack(packed, shape[-1])
+    flat = torch.index_select(values, 0, codes.reshape(-1).int())
+    return (_blocks(flat, block_size) * absmax.view(-1, 1)).view(-1)[:n].view(shape)

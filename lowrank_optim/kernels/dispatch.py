@@ -29,7 +29,7 @@ from types import ModuleType
 
 import torch
 
-from lowrank_optim.kernels import reference
+from lowrank_optim.kernels import blockwise, reference
 
 #: environment variable that selects the backend when no ``backend`` argument is given
 ENV_VAR = "LOWRANK_OPTIM_KERNELS"
@@ -300,6 +300,29 @@ def dequantize_blockwise(
     tensors = (codes, absmax) if out is None else (codes, absmax, out)
     return _impl("dequantize_blockwise", backend, *tensors)(
         codes, absmax, block_size, code, signed, out)
+
+
+# -- block-wise 4-bit quantisation (torch ops on every backend) ------------------------------
+def quantize_blockwise_4bit(
+    x: torch.Tensor, block_size: int = 256, code: str = "dynamic", signed: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(packed codes uint8, absmax fp32)``: the 4-bit codes of ``x``, two per byte along the
+    last axis; see :func:`lowrank_optim.kernels.blockwise.quantize_4bit`.
+
+    No Triton kernel: this runs the torch specification on every backend (its torch ops run
+    on CUDA tensors too), so ``backend`` is not taken.
+    """
+    return blockwise.quantize_4bit(x, block_size, code, signed)
+
+
+def dequantize_blockwise_4bit(
+    packed: torch.Tensor, absmax: torch.Tensor, shape: torch.Size | tuple[int, ...],
+    block_size: int = 256, code: str = "dynamic", signed: bool = True,
+) -> torch.Tensor:
+    """fp32 tensor of ``shape`` held by :func:`quantize_blockwise_4bit`'s codes; see
+    :func:`lowrank_optim.kernels.blockwise.dequantize_4bit`.  Torch ops on every backend (no
+    Triton kernel)."""
+    return blockwise.dequantize_4bit(packed, absmax, shape, block_size, code, signed)
 
 
 def update_param(

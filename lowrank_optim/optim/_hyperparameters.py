@@ -88,7 +88,13 @@ svd_method, svd_oversample, svd_power_iters, svd_seed
     ``svd_oversample`` extra samples and ``svd_power_iters`` power iterations, default 1) or
     ``"warm"`` (``svd_power_iters`` subspace iterations from the current basis, default 2;
     the first refresh is exact).  Several times to twenty times cheaper than exact on large
-    weights; see ``benchmarks/results/refresh_cost_cpu.md``.""",
+    weights; see ``benchmarks/results/refresh_cost_cpu.md``.
+proj_bits, proj_block_size
+    Precision of the stored basis (group keys, see
+    :class:`lowrank_optim.projectors.SVDProjector`): 32 (default), or 8 / 4 for block-wise
+    quantised codes (``proj_block_size`` elements per fp32 scale, default 256; Q-GaLore's
+    idea), about a quarter / an eighth of the fp32 basis's bytes, dequantised on the fly; see
+    ``benchmarks/results/quant_projector_cpu.md``.""",
     "dct": """\
 update_proj_gap
     Steps between subspace re-selections (default 1: every step; ``None`` leaves the timing
@@ -108,7 +114,11 @@ rotate_moments
     changes: see :class:`~lowrank_optim.projectors.dct.DCTProjector`).
 error_feedback
     Feed the projection residual back into the next gradient (full-size buffer per layer;
-    default ``False``).""",
+    default ``False``).
+error_feedback_bits
+    Precision of that buffer: 32 (default: the parameter's dtype), or 8 / 4 for block-wise
+    quantised codes (blocks of 256, fp32 scales), about a quarter / an eighth of its fp32
+    bytes, as the reference DCT-AdamW offers.""",
     "apollo": """\
 scale_type, norm_growth_limit
     How the rule scales its full-size term (group keys, see

@@ -217,13 +217,17 @@ class LowRankOptimizer(torch.optim.Optimizer):
                 and param.dtype not in FP32_STEP_DTYPES)
 
     def _ordinal(self, group: dict, index: int) -> int:
-        """Position of ``group["params"][index]`` among all of this optimizer's parameters."""
+        """Position of ``group["params"][index]`` among all of this optimizer's parameters
+        (found by identity of the parameter, since a subclass may pass a modified copy of its
+        group, as SST does with per-layer learning rates)."""
+        param = group["params"][index]
         before = 0
         for g in self.param_groups:
-            if g is group:
-                return before + index
+            for i, p in enumerate(g["params"]):
+                if p is param:
+                    return before + i
             before += len(g["params"])
-        raise ValueError("the group is not one of this optimizer's param groups")
+        return index
 
     def step_param(
         self,

@@ -68,6 +68,7 @@ class DCTAdamW(LowRankOptimizer):
         score_route: str = "auto",
         rotate_moments: bool = True,
         error_feedback: bool = False,
+        error_feedback_bits: int = 32,
         bits: int = 32,
         block_size: int = 256,
         code: str = "dynamic",
@@ -116,6 +117,7 @@ class DCTAdafactor(LowRankOptimizer):
         score_route: str = "auto",
         rotate_moments: bool = True,
         error_feedback: bool = False,
+        error_feedback_bits: int = 32,
         nonfinite: str = "raise",
     ) -> None:
         defaults = group_defaults(locals(), Adafactor, self.projector_type)

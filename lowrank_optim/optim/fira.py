@@ -61,6 +61,8 @@ class FiraAdamW(LowRankOptimizer):
         svd_oversample: int = 10,
         svd_power_iters: int | None = None,
         svd_seed: int = 0,
+        proj_bits: int = 32,
+        proj_block_size: int = 256,
         nonfinite: str = "raise",
     ) -> None:
         defaults = group_defaults(locals(), Fira, self.projector_type)

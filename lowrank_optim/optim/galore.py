@@ -64,6 +64,8 @@ class GaLoreAdamW(LowRankOptimizer):
         svd_oversample: int = 10,
         svd_power_iters: int | None = None,
         svd_seed: int = 0,
+        proj_bits: int = 32,
+        proj_block_size: int = 256,
         nonfinite: str = "raise",
         no_deprecation_warning: bool = True,  # accepted for galore-torch compatibility
     ) -> None:
@@ -140,6 +142,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         svd_oversample: int = 10,
         svd_power_iters: int | None = None,
         svd_seed: int = 0,
+        proj_bits: int = 32,
+        proj_block_size: int = 256,
         nonfinite: str = "raise",
     ) -> None:
         if isinstance(bits, bool) or bits != 8:
@@ -163,7 +167,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                          formula="torch", bits=8, block_size=block_size, code=code,
                          min_8bit_size=min_8bit_size, svd_method=svd_method,
                          svd_oversample=svd_oversample, svd_power_iters=svd_power_iters,
-                         svd_seed=svd_seed, nonfinite=nonfinite)
+                         svd_seed=svd_seed, proj_bits=proj_bits,
+                         proj_block_size=proj_block_size, nonfinite=nonfinite)
 
 
 @fill_doc
@@ -200,6 +205,8 @@ class GaLoreAdafactor(LowRankOptimizer):
         svd_oversample: int = 10,
         svd_power_iters: int | None = None,
         svd_seed: int = 0,
+        proj_bits: int = 32,
+        proj_block_size: int = 256,
         nonfinite: str = "raise",
     ) -> None:
         defaults = group_defaults(locals(), Adafactor, self.projector_type)

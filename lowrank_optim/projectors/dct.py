@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from lowrank_optim import kernels
+from lowrank_optim.projectors import quantized
 from lowrank_optim.projectors.base import Projector, index_overlap
 from lowrank_optim.projectors.svd import galore_sides
 from lowrank_optim.rules.base import Rule
@@ -47,6 +48,7 @@ DCT_DEFAULTS: dict[str, Any] = {
     "score_route": "auto",
     "rotate_moments": True,
     "error_feedback": False,
+    "error_feedback_bits": 32,
 }
 #: ``score_route="auto"`` takes the FFT route from this basis size on: on one CPU core the two
 #: routes' refresh times cross between n = 192 and 256 (0.6 ms vs 0.44 ms at 256, 2x faster FFT
@@ -54,6 +56,8 @@ DCT_DEFAULTS: dict[str, Any] = {
 AUTO_FFT_MIN_SIZE = 256
 #: optimizer-state key of the error-feedback residual (memory category ``other``)
 ERROR_FEEDBACK_KEY = "error_feedback"
+#: elements per fp32 scale of a quantised error-feedback residual (``error_feedback_bits``)
+ERROR_FEEDBACK_BLOCK_SIZE = 256
 
 
 def dct_matrix(
@@ -89,6 +93,12 @@ def _opt(group: dict, key: str) -> Any:
     return group.get(key, DCT_DEFAULTS[key])
 
 
+def error_feedback_precision(group: dict) -> quantized.Precision:
+    """How the group's error-feedback residuals are stored (``error_feedback_bits``)."""
+    return quantized.Precision(_opt(group, "error_feedback_bits"), ERROR_FEEDBACK_BLOCK_SIZE,
+                               "error_feedback_bits")
+
+
 class DCTProjector(Projector):
     """``rank`` DCT-II basis vectors chosen by alignment with the gradient at refresh time.
 
@@ -122,10 +132,19 @@ class DCTProjector(Projector):
         without rotation, 1.09 with it, 1.00 for GaLore with ``update_proj_gap=50``).
     ``error_feedback``
         Keep the projection residual ``E <- (G + E) - back(project(G + E))`` in a full-size
-        buffer (parameter dtype, not quantised) under :data:`ERROR_FEEDBACK_KEY` and add it to
-        the next gradient.  Costs ``m n`` floats per layer (memory category ``other``).
+        buffer (parameter dtype, or codes: ``error_feedback_bits``) under
+        :data:`ERROR_FEEDBACK_KEY` and add it to the next gradient.  Costs ``m n`` floats per
+        layer (memory category ``other``).
         ``refresh`` / ``project`` consume the residual, so call them once per step (the core
         does).  Default ``False``.
+    ``error_feedback_bits``
+        Precision of the residual: 32 (default: the parameter's dtype), 8 or 4.  Below 32 it
+        is kept as block-wise codes (:mod:`~lowrank_optim.projectors.quantized`: entries
+        ``error_feedback_codes`` / ``error_feedback_absmax``, blocks of
+        :data:`ERROR_FEEDBACK_BLOCK_SIZE`, memory category ``other``), about 1/4 or 1/8 of the
+        fp32 bytes, as the reference DCT-AdamW offers; each step dequantises it, adds it to the
+        gradient and quantises the new residual, so what the quantisation drops is lost (the
+        telescoping sum holds up to the sum of the per-step rounding errors).
 
     Per-parameter state: ``proj_idx`` (int32, the ``r`` selected frequencies in increasing
     order: the order is canonical, so both routes agree exactly) and ``proj_shape`` (int64,
@@ -140,9 +159,10 @@ class DCTProjector(Projector):
 
     name = "dct"
     structure_keys = {**Projector.structure_keys,
-                      "error_feedback": DCT_DEFAULTS["error_feedback"]}
+                      "error_feedback": DCT_DEFAULTS["error_feedback"],
+                      "error_feedback_bits": DCT_DEFAULTS["error_feedback_bits"]}
     subspace_keys = {"proj_idx": "indices", "proj_shape": "indices"}
-    extra_keys = {ERROR_FEEDBACK_KEY: "other"}
+    extra_keys = quantized.categories(ERROR_FEEDBACK_KEY, "other")
     hyperparameters = (*Projector.hyperparameters, *DCT_DEFAULTS)
     defaults = DCT_DEFAULTS
     row_shardable = True
@@ -193,6 +213,7 @@ class DCTProjector(Projector):
         check_choice("score_route", _opt(group, "score_route"), SCORE_ROUTES)
         check_choice("rotate_moments", _opt(group, "rotate_moments"), (False, True))
         check_choice("error_feedback", _opt(group, "error_feedback"), (False, True))
+        quantized.check_bits("error_feedback_bits", _opt(group, "error_feedback_bits"))
 
     def sides(self, shape: tuple[int, ...], group: dict) -> tuple[str, ...]:
         return (dct_side(shape, group.get("proj_type", "std"))[0],)
@@ -349,8 +370,11 @@ class DCTProjector(Projector):
 
     @staticmethod
     def _with_error(grad: torch.Tensor, state: dict, group: dict) -> torch.Tensor:
-        err = state.get(ERROR_FEEDBACK_KEY) if _opt(group, "error_feedback") else None
-        return grad if err is None else grad + err
+        if not _opt(group, "error_feedback"):
+            return grad
+        err = quantized.load(state, ERROR_FEEDBACK_KEY, tuple(grad.shape),
+                             error_feedback_precision(group))
+        return grad if err is None else grad + err.to(grad.dtype)
 
     def _store_error(
         self, acc: torch.Tensor, low: torch.Tensor, state: dict, group: dict
@@ -362,7 +386,11 @@ class DCTProjector(Projector):
             low, self.basis(n, acc.device, acc.dtype), state["proj_idx"], side
         )
         residual = acc - back
-        if ERROR_FEEDBACK_KEY in state:
+        how = error_feedback_precision(group)
+        if how.bits < 32:
+            quantized.store(state, ERROR_FEEDBACK_KEY, residual, how)
+        elif ERROR_FEEDBACK_KEY in state:
             state[ERROR_FEEDBACK_KEY].copy_(residual)
         else:
+            quantized.drop(state, ERROR_FEEDBACK_KEY)
             state[ERROR_FEEDBACK_KEY] = residual
