@@ -158,3 +158,21 @@ def init_gloo(rank: int, world: int, port: int) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+
+
+def record_steps(module, opt, rank: int, steps: int = 3,
+                 gather=lambda t: t.detach().clone()) -> dict:
+    """Train ``module`` (a model, or its DDP wrapper) on rank ``rank``'s half of each of
+    ``steps`` batches of 4 and record, per step, every parameter's (reduced) gradient and its
+    value after ``opt.step()``, through ``gather`` (``DTensor.full_tensor`` for FSDP2): the
+    record :func:`replay_recorded_steps` checks one process against."""
+    model = getattr(module, "module", module)
+    grads, params = [], []
+    for ids in token_batches(steps, batch=4, seq=32, seed=1):
+        opt.zero_grad()
+        local = ids[2 * rank:2 * rank + 2]
+        module(input_ids=local, labels=local).loss.backward()
+        grads.append({n: gather(p.grad) for n, p in model.named_parameters()})
+        opt.step()
+        params.append({n: gather(p) for n, p in model.named_parameters()})
+    return {"grads": grads, "params": params}

@@ -27,6 +27,7 @@ from lowrank_optim.projectors import RandomProjector
 from lowrank_optim.rules import scaling
 from tests.helpers import (
     init_gloo,
+    record_steps,
     replay_recorded_steps,
     resume_midway,
     roundtrip,
@@ -369,15 +370,7 @@ def _ddp_worker(rank, world, port, out):
         model = tiny_llama()
         ddp = DistributedDataParallel(model)
         opt = lo.create_optimizer(model, name, **_ddp_kwargs(name))
-        grads, params = [], []
-        for ids in token_batches(4, batch=4, seq=32, seed=1):
-            opt.zero_grad()
-            local = ids[2 * rank:2 * rank + 2]
-            ddp(input_ids=local, labels=local).loss.backward()
-            grads.append({n: p.grad.clone() for n, p in model.named_parameters()})
-            opt.step()
-            params.append({n: p.detach().clone() for n, p in model.named_parameters()})
-        torch.save({"grads": grads, "params": params}, f"{out}/{name}-{rank}.pt")
+        torch.save(record_steps(ddp, opt, rank, steps=4), f"{out}/{name}-{rank}.pt")
     dist.destroy_process_group()
 
 

@@ -19,7 +19,7 @@ from lowrank_optim.projectors.svd import SVDProjector
 from tests.helpers import (
     assert_same_training_state,
     init_gloo,
-    lm_loss,
+    record_steps,
     replay_recorded_steps,
     resume_midway,
     roundtrip,
@@ -356,18 +356,11 @@ def _fsdp_worker(rank, world, port, out):
     fully_shard(model)
     opt = lo.create_optimizer(model, "galore_adamw", rank=8, update_proj_gap=2, lr=1e-3,
                               proj_bits=4)
-    grads, params = [], []
-    for ids in token_batches(3, batch=4, seq=32, seed=1):
-        opt.zero_grad()
-        lm_loss(model, ids[2 * rank:2 * rank + 2]).backward()
-        grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
-        opt.step()
-        params.append({n: p.full_tensor() for n, p in model.named_parameters()})
+    record = record_steps(model, opt, rank, gather=lambda t: t.full_tensor())
     if rank == 0:
         codes = [k for st in opt.state.values() for k, v in st.items()
                  if k.endswith("_codes") and not distributed.is_dtensor(v)]
-        torch.save({"grads": grads, "params": params, "codes": len(codes)},
-                   os.path.join(out, "q.pt"))
+        torch.save({**record, "codes": len(codes)}, os.path.join(out, "q.pt"))
     torch.distributed.destroy_process_group()
 
 

@@ -184,21 +184,15 @@ def test_declared_capabilities_decide_what_fsdp2_and_bits_accept():
 
 
 def _fsdp_lion_worker(rank, world, port, out):
-    from tests.helpers import init_gloo
+    from tests.helpers import init_gloo, record_steps
     from tests.test_recipe_engines import _fsdp_model
 
     init_gloo(rank, world, port)
     model = _fsdp_model()
     opt = lo.create_optimizer(model, "galore_lion", rank=8, update_proj_gap=2, lr=1e-3)
-    grads, params = [], []
-    for ids in token_batches(3, batch=4, seq=32, seed=1):
-        opt.zero_grad()
-        lm_loss(model, ids[2 * rank:2 * rank + 2]).backward()
-        grads.append({n: p.grad.full_tensor() for n, p in model.named_parameters()})
-        opt.step()
-        params.append({n: p.full_tensor() for n, p in model.named_parameters()})
+    record = record_steps(model, opt, rank, gather=lambda t: t.full_tensor())
     if rank == 0:
-        torch.save({"grads": grads, "params": params}, os.path.join(out, "lion.pt"))
+        torch.save(record, os.path.join(out, "lion.pt"))
     torch.distributed.destroy_process_group()
 
 
