@@ -322,7 +322,13 @@ def describe(runs: dict[str, dict[str, Any]], settings: dict[str, Any], steps: i
         "loss is logged every step (`--log-every 1`); the plot shows its moving average.")
 
 
-def reading(runs: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
+def _widest(spread: dict[str, list[float]], skip: dict) -> float:
+    """The largest max - min over seeds among the methods not in ``skip``."""
+    return max((max(v) - min(v) for n, v in spread.items() if n not in skip), default=0.0)
+
+
+def reading(runs: dict[str, dict[str, Any]], settings: dict[str, Any],
+            by_seed: dict[str, list[dict[str, Any]]] | None = None) -> str:
     """A few sentences on how to read the table, computed from the runs.
 
     Parameters
@@ -331,12 +337,16 @@ def reading(runs: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
         Optimizer name to :func:`read_run`'s result.
     settings : dict
         Optimizer name to its resolved ``RecipeConfig``.
+    by_seed : dict, optional
+        Optimizer name to its runs over seeds: the methods whose final validation loss
+        spreads by more than 0.1 over seeds are named with their values.
 
     Returns
     -------
     str
-        Which method ends lowest, where AdamW ranks, and the share of the tiny model's
-        parameters in the embedding and head (trained full-rank by every method).
+        Which method ends lowest, where AdamW ranks, the unstable ones over seeds, the share
+        of the tiny model's parameters in the embedding and head (trained full-rank by every
+        method).
     """
     from lowrank_optim.model_configs import build_llama
 
@@ -350,6 +360,16 @@ def reading(runs: dict[str, dict[str, Any]], settings: dict[str, Any]) -> str:
             f"({runs[order[0]]['summary']['val_loss']:.4f})")
     if "adamw" in runs:
         text += f"; full-rank AdamW ranks {order.index('adamw') + 1} of {len(order)}"
+    spread = {n: [r["summary"]["val_loss"] for r in rs] for n, rs in (by_seed or {}).items()
+              if len(rs) > 1}
+    unstable = {n: v for n, v in spread.items() if max(v) - min(v) > 0.1}
+    if unstable:
+        text += (". Over seeds, " + "; ".join(
+            f"{n} ends at {', '.join(f'{x:.2f}' for x in v)}" for n, v in unstable.items())
+            + " (a spread above 0.1: that learning rate is at the edge of stability for this "
+            "config), while every other method stays within "
+            f"{_widest(spread, unstable):.3f}"
+            " (max - min)")
     tokens = max(run["tokens"] for run in runs.values())
     return text + (
         f". This is a short run of a tiny model ({total:,} parameters, {tokens:,} training "
@@ -421,7 +441,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, Any]]:
     png = results / f"{name}.png"
     plotted = plot(runs, steps, png)
     body = "\n\n".join([describe(runs, settings, steps, eval_every, args.seeds), body_table,
-                        reading(runs, settings),
+                        reading(runs, settings, by_seed),
                         *([f"![loss curves]({png.name})"] if plotted else [])])
     title = f"Loss curves on the embedded corpus ({device.upper()}, tiny LLaMA, {steps} steps)"
     if args.quick:
