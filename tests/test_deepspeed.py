@@ -20,10 +20,9 @@ import pytest
 import lowrank_optim as lo
 from lowrank_optim import distributed
 from recipes import config, launch, pretrain
-from tests.helpers import tiny_llama
+from tests.helpers import free_port, tiny_llama
 from tests.test_recipe_launch import (
     TEST_CONFIG,
-    _free_port,
     assert_same_run,
     python_path,
     single_process,
@@ -52,7 +51,7 @@ def deepspeed_launch(module: str, *args: str) -> list[str]:
     """``deepspeed --num_gpus 2 --module module args`` (the launcher as a module of this
     venv)."""
     return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2",
-            "--master_port", str(_free_port()), "--module", module, *args]
+            "--master_port", str(free_port()), "--module", module, *args]
 
 
 # -- messages: what works, per optimizer (no engine needed) ----------------------------------

@@ -204,9 +204,9 @@ def _local(t):
 
 
 def _fsdp_checks_worker(rank, world, port, out):
-    from tests.test_recipe_engines import _init
+    from tests.helpers import init_gloo
 
-    _init(rank, world, port)
+    init_gloo(rank, world, port)
     results = {}
     for mode in ("raise", "skip"):
         model = _fsdp_small()
@@ -255,9 +255,9 @@ def _fsdp_checks_worker(rank, world, port, out):
 
 
 def test_fsdp2_ranks_agree_on_nonfinite_shards_and_refuse_rotation_with_broadcast(tmp_path):
-    from tests.test_recipe_engines import _spawn
+    from tests.helpers import spawn_two
 
-    _spawn(_fsdp_checks_worker, tmp_path)
+    spawn_two(_fsdp_checks_worker, tmp_path)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     # the NaN sits in rank 1's shard: rank 1 names the parameter, rank 0 the other rank's shard
     assert "non-finite" in r1["raise"]["message"] and "shape (4,)" in r1["raise"]["message"]

@@ -16,7 +16,8 @@ import sys
 
 import pytest
 
-from tests.test_recipe_launch import ROOT, _free_port, python_path
+from tests.helpers import free_port
+from tests.test_recipe_launch import ROOT, python_path
 
 PROBE = r"""
 import json, sys
@@ -50,7 +51,7 @@ accelerator.end_training()
 def probe(engine: str) -> dict:
     """One gloo process asking accelerate for ``engine`` publicly, then switched."""
     env = {**os.environ, "LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1",
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "OMP_NUM_THREADS": "1",
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "OMP_NUM_THREADS": "1",
            "ACCELERATE_USE_FSDP": str(engine == "fsdp").lower(), "FSDP_VERSION": "2",
            "ACCELERATE_USE_DEEPSPEED": str(engine == "deepspeed").lower(),
            "DS_ACCELERATOR": "cpu", "PYTHONPATH": python_path()}
