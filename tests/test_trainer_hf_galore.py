@@ -45,10 +45,14 @@ def test_matches_trainer_builtin_galore(tmp_path):
     # test_galore_conformance: same SVD call and formula, but our back-projection is fused
     # with the update, so roundings differ).  Over the run that rounding is carried forward
     # by the dynamics and, at each refresh, by the SVD of a gradient whose small singular
-    # values are nearly degenerate.  Measured on this setup: bit-identical losses up to the
-    # refresh at step 5, then relative differences up to ~3e-6.  The tolerance, 2e-5, is
-    # ~10x that, and over 1000x below the loss change of one step after warm-up (>= 5e-2
-    # relative): a real difference in the update (scale, rank, gap, eps, lr) fails it.
-    assert b == pytest.approx(a, rel=2e-5)
+    # values are nearly degenerate.  Measured: bit-identical losses up to the refresh at
+    # step 5; after it, relative differences up to ~3e-6 on one machine (Intel Xeon) and up to
+    # 4.5e-4 on another (AMD EPYC, 2026-12-02, the commit before this test changed too: the
+    # SVD's rounding differs by CPU).  So the first 6 losses (before the refresh at step 5)
+    # must agree to 1e-6, where a real difference in the update shows at once (a scale 10%
+    # off: 3e-4 at the third loss; rank, eps and lr act from the first step, the gap by the
+    # sixth), and the whole run to 2e-3.
+    assert b[:6] == pytest.approx(a[:6], rel=1e-6)
+    assert b == pytest.approx(a, rel=2e-3)
     changes = [abs(x - y) / x for x, y in zip(a[2:-1], a[3:], strict=True)]
     assert min(changes) > 2e-2
