@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from lowrank_optim.distributed.tensors import local_tensor
+from lowrank_optim.distributed.zero import local_optimizer
 
 CATEGORIES = ("moments", "projectors", "indices", "other")
 #: binary units of :func:`format_bytes`, each 1024 times the previous one
@@ -122,7 +123,11 @@ def _held_bytes(t: torch.Tensor) -> int:
 
 
 def state_bytes(optimizer: torch.optim.Optimizer) -> StateBytes:
-    """Bytes of ``optimizer``'s state by category (moments / projectors / indices / other)."""
+    """Bytes of ``optimizer``'s state by category (moments / projectors / indices / other).
+
+    Under ZeRO-1 (``ZeroRedundancyOptimizer``) this rank's: its local optimizer's state and
+    parameters."""
+    optimizer = local_optimizer(optimizer)
     if not isinstance(getattr(optimizer, "state", None), dict) or not hasattr(
             optimizer, "param_groups"):
         raise TypeError(f"state_bytes needs an optimizer (with .state and .param_groups), got "

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lowrank_optim import distributed
 from lowrank_optim.distributed import check_model_not_partitioned
 from lowrank_optim.groups import TargetModules, param_groups_and_summary
 from lowrank_optim.optim.apollo import APOLLO_MINI_SCALE, ApolloAdamW, ApolloMini
@@ -19,7 +20,7 @@ from lowrank_optim.optim.compose import compose
 from lowrank_optim.optim.dct import DCTAdafactor, DCTAdamW
 from lowrank_optim.optim.fira import DCTFiraAdamW, FiraAdamW
 from lowrank_optim.optim.galore import GaLoreAdafactor, GaLoreAdamW, GaLoreAdamW8bit
-from lowrank_optim.optim.sst import create_sst_adamw
+from lowrank_optim.optim.sst import SSTAdamW, create_sst_adamw
 from lowrank_optim.projectors import DCTProjector, Projector, SVDProjector
 from lowrank_optim.rules.base import Rule
 from lowrank_optim.sst.convert import spectral_modules
@@ -100,6 +101,9 @@ MODEL_BUILDERS: dict[str, Callable[..., torch.optim.Optimizer]] = {
     "sst_adamw": create_sst_adamw,
     "sst_adamw8bit": functools.partial(create_sst_adamw, bits=8),
 }
+#: the optimizer class each model builder makes (engine checks read its capabilities)
+OPTIMIZER_CLASSES_OF_BUILDERS: dict[str, type[torch.optim.Optimizer]] = {
+    "sst_adamw": SSTAdamW, "sst_adamw8bit": SSTAdamW}
 
 
 def _check_keywords(name: str, cls: type, kwargs: dict[str, Any]) -> None:
@@ -135,6 +139,7 @@ def create_optimizer(
     scale: float = UNSET,
     proj_type: str = "std",
     embedding_bits: int | None = UNSET,
+    zero1: bool = False,
     **optimizer_kwargs: Any,
 ) -> torch.optim.Optimizer:
     """Build optimizer ``name`` for ``model``; one summary line (what is projected, the class
@@ -153,6 +158,11 @@ def create_optimizer(
     defaults to 32 then, as the HF Trainer does for bitsandbytes' 8-bit optimizers: a row
     only gets a gradient when its token is in the batch); pass ``embedding_bits=8`` to
     quantise them too.
+    ``zero1=True`` returns ``torch.distributed.optim.ZeroRedundancyOptimizer`` over the
+    optimizer (ZeRO-1 by whole parameters: each rank keeps the state of its share of the
+    tensors; needs an initialised process group; :func:`lowrank_optim.distributed.zero1`).
+    Save with ``opt.consolidate_state_dict(to=0)`` on every rank, then ``opt.state_dict()`` on
+    rank 0; load the whole dict on every rank.
     ``"sst_adamw"`` / ``"sst_adamw8bit"`` convert ``model``'s targeted layers to
     ``SpectralLinear`` in place (unless it already has some) and take SST arguments
     (``iteration_length`` ...) as optimizer kwargs.
@@ -165,7 +175,7 @@ def create_optimizer(
     opt, summary = create_optimizer_and_summary(
         model, name, target_modules=target_modules, rank=rank,
         update_proj_gap=update_proj_gap, scale=scale, proj_type=proj_type,
-        embedding_bits=embedding_bits, **optimizer_kwargs)
+        embedding_bits=embedding_bits, zero1=zero1, **optimizer_kwargs)
     logger.info(summary)
     return opt
 
@@ -180,6 +190,7 @@ def create_optimizer_and_summary(
     scale: float = UNSET,
     proj_type: str = "std",
     embedding_bits: int | None = UNSET,
+    zero1: bool = False,
     **optimizer_kwargs: Any,
 ) -> tuple[torch.optim.Optimizer, str]:
     """:func:`create_optimizer` and its summary line, not logged (for callers that add to
@@ -196,9 +207,13 @@ def create_optimizer_and_summary(
         close = difflib.get_close_matches(key, available(), n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         raise ValueError(f"Unknown optimizer name={name!r}; choose one of {available()}.{hint}")
+    if not isinstance(zero1, bool):
+        raise ValueError(f"Invalid zero1={zero1!r}: pass True (ZeRO-1: state split across "
+                         "ranks by whole parameters) or False.")
     if key in BASELINES:
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = BASELINES[key](params, **optimizer_kwargs)
+        opt = (distributed.zero1(params, BASELINES[key], name=key, **optimizer_kwargs) if zero1
+               else BASELINES[key](params, **optimizer_kwargs))
         summary = (f"lowrank_optim: no projection, {len(params)} tensors "
                    f"({sum(p.numel() for p in params):,} params)")
         return opt, _with_optimizer(summary, key, opt)
@@ -207,6 +222,8 @@ def create_optimizer_and_summary(
     if embedding_bits is UNSET:
         embedding_bits = 32 if _uses_8bit(key, optimizer_kwargs) else None
     if key in MODEL_BUILDERS:
+        if zero1:
+            distributed.check_zero1(OPTIMIZER_CLASSES_OF_BUILDERS[key], key)
         if update_proj_gap is not UNSET or scale is not UNSET:
             raise ValueError(f"{name!r} takes no update_proj_gap or scale: SST redraws its "
                              "vectors every iteration_length steps (an optimizer argument).")
@@ -225,8 +242,9 @@ def create_optimizer_and_summary(
     groups, summary = param_groups_and_summary(
         model, target_modules, rank=rank, proj_type=proj_type, embedding_bits=embedding_bits,
         **proj)
-    opt = OPTIMIZERS[key](groups, **{**OPTIMIZER_DEFAULTS_BY_NAME.get(key, {}),
-                                     **optimizer_kwargs})
+    kwargs = {**OPTIMIZER_DEFAULTS_BY_NAME.get(key, {}), **optimizer_kwargs}
+    opt = (distributed.zero1(groups, OPTIMIZERS[key], name=key, **kwargs) if zero1
+           else OPTIMIZERS[key](groups, **kwargs))
     return opt, _with_optimizer(summary, key, opt)
 
 

@@ -9,6 +9,8 @@ One module per concern:
   :func:`engine_support` for the messages.
 * :mod:`~lowrank_optim.distributed.fsdp2` -- the sharded step on this rank's rows.
 * :mod:`~lowrank_optim.distributed.tensors` -- DTensor helpers and digests.
+* :mod:`~lowrank_optim.distributed.zero` -- ZeRO-1 by whole parameters
+  (``ZeroRedundancyOptimizer`` over a low-rank optimizer): :func:`zero1`.
 
 This package reads the optimizer's rule and projector through their declared capabilities and
 never imports :mod:`lowrank_optim.optim`.
@@ -38,6 +40,7 @@ from lowrank_optim.distributed.tensors import (
     is_dtensor,
     local_tensor,
 )
+from lowrank_optim.distributed.zero import check_zero1, local_optimizer, zero1
 
 __all__ = [
     "FLATTENED_MESSAGE",
@@ -49,14 +52,17 @@ __all__ = [
     "check_group_layout",
     "check_in_sync",
     "check_model_not_partitioned",
+    "check_zero1",
     "check_zero_stage",
     "digest",
     "engine_support",
     "is_distributed",
     "is_dtensor",
     "layout_fingerprint",
+    "local_optimizer",
     "local_tensor",
     "sharded_step",
     "sharding_problem",
+    "zero1",
     "subspace_tensors",
 ]

@@ -95,7 +95,18 @@ proj_bits, proj_block_size
     quantised codes (``proj_block_size`` elements per fp32 scale, default 256; Q-GaLore's
     idea), about a quarter / an eighth of the fp32 basis's bytes, dequantised on the fly; see
     ``benchmarks/results/quant_projector_cpu.md``.""",
+    "projection": """\
+rank, update_proj_gap, scale, proj_type
+    Defaults of the projection group keys (a group's own keys win): ``rank=None`` (default)
+    projects only groups that set ``rank``; with a ``rank`` here every 2-D parameter of a
+    group without its own is projected, which is how engines that build the optimizer from
+    keyword arguments alone configure it (``torch.distributed.optim.ZeroRedundancyOptimizer(
+    params, optimizer_class=GaLoreAdamW, rank=128, ...)``).  ``update_proj_gap`` 200,
+    ``scale`` 1.0 (the paper uses 0.25), ``proj_type`` ``"std"``.""",
     "dct": """\
+rank
+    Default projection rank of groups without their own (default ``None``: only groups that
+    set ``rank`` are projected; see the GaLore classes).
 update_proj_gap
     Steps between subspace re-selections (default 1: every step; ``None`` leaves the timing
     to :meth:`request_refresh`).

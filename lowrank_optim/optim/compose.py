@@ -46,7 +46,7 @@ def compose(rule: type[Rule], projector: type[Projector], name: str | None = Non
     if unknown:
         raise ValueError(f"compose({rule.__name__}, {projector.__name__}): {unknown} are not "
                          f"hyper-parameters of the rule or the projector ({sorted(declared)}).")
-    table = {**{k: v for k, v in PROJECTION_DEFAULTS.items() if k != "rank"},
+    table = {**PROJECTION_DEFAULTS,
              **projector.defaults, **rule.defaults, **defaults}
     missing = sorted(declared - set(table))
     if missing:

@@ -35,6 +35,7 @@ class GaLoreAdamW(LowRankOptimizer):
         ``torch.optim.AdamW`` on groups without ``rank``.
     {lowbit}
     {svd}
+    {projection}
     {nonfinite}
 
     Examples
@@ -56,6 +57,10 @@ class GaLoreAdamW(LowRankOptimizer):
         correct_bias: bool = True,
         formula: str = "galore",
         *,
+        rank: int | None = None,
+        update_proj_gap: int | None = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
         bits: int = 32,
         block_size: int = 256,
         code: str = "dynamic",
@@ -104,6 +109,7 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         Elements per absmax scale (256, as bitsandbytes' block-wise mode) and the table
         (``"dynamic"`` or ``"linear"``).
     {svd}
+    {projection}
     {nonfinite}
 
     Notes
@@ -135,6 +141,10 @@ class GaLoreAdamW8bit(GaLoreAdamW):
         block_wise: bool = True,
         is_paged: bool = False,
         *,
+        rank: int | None = None,
+        update_proj_gap: int | None = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
         bits: int = 8,
         block_size: int = 256,
         code: str = "dynamic",
@@ -164,7 +174,8 @@ class GaLoreAdamW8bit(GaLoreAdamW):
                 raise ValueError(f"GaLoreAdamW8bit does not support {name}={value!r} (only "
                                  f"{default!r}): {hint}.")
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         formula="torch", bits=8, block_size=block_size, code=code,
+                         formula="torch", rank=rank, update_proj_gap=update_proj_gap,
+                         scale=scale, proj_type=proj_type, bits=8, block_size=block_size, code=code,
                          min_8bit_size=min_8bit_size, svd_method=svd_method,
                          svd_oversample=svd_oversample, svd_power_iters=svd_power_iters,
                          svd_seed=svd_seed, proj_bits=proj_bits,
@@ -183,6 +194,7 @@ class GaLoreAdafactor(LowRankOptimizer):
     {params}
     {adafactor}
     {svd}
+    {projection}
     {nonfinite}
     """
 
@@ -201,6 +213,10 @@ class GaLoreAdafactor(LowRankOptimizer):
         relative_step: bool = True,
         warmup_init: bool = False,
         *,
+        rank: int | None = None,
+        update_proj_gap: int | None = 200,
+        scale: float = 1.0,
+        proj_type: str = "std",
         svd_method: str = "exact",
         svd_oversample: int = 10,
         svd_power_iters: int | None = None,

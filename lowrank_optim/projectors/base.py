@@ -37,9 +37,11 @@ class Projector(ABC):
     subspace_keys: ClassVar[dict[str, str]] = {}
     #: other state keys this projector keeps, with their memory category
     extra_keys: ClassVar[dict[str, str]] = {}
-    #: group keys of this projector's options beyond ``rank``, in the optimizers' signature
-    #: order
-    hyperparameters: ClassVar[tuple[str, ...]] = ("update_proj_gap", "scale", "proj_type")
+    #: group keys of this projector's options (``rank`` first), in the optimizers' signature
+    #: order; the projection keys are also constructor defaults, so engines that build the
+    #: optimizer from keyword arguments alone (``ZeroRedundancyOptimizer``) can set them
+    hyperparameters: ClassVar[tuple[str, ...]] = ("rank", "update_proj_gap", "scale",
+                                                  "proj_type")
     #: defaults of the options beyond ``update_proj_gap`` / ``scale`` / ``proj_type`` (which
     #: :data:`lowrank_optim.optim.base.PROJECTION_DEFAULTS` holds)
     defaults: ClassVar[dict[str, object]] = {}
