@@ -488,6 +488,27 @@ def _save_parts(directory: Path, scheduler: Any, accelerator: Any, refresh: Any)
                                                   encoding="utf-8")
 
 
+def _consolidate_zero1(accelerator: Any) -> list:
+    """A ``ZeroRedundancyOptimizer`` holds each rank's share of the state on that rank, and its
+    ``state_dict()`` works only where the whole state was gathered; accelerate's ``save_state``
+    calls it on every rank (and writes rank 0's), so gather it on every rank first (a
+    transient copy of the whole state, dropped after the save)."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    found = []
+    for opt in getattr(accelerator, "_optimizers", []):
+        inner = getattr(opt, "optimizer", opt)
+        if isinstance(inner, ZeroRedundancyOptimizer):
+            mine = []
+            for rank in range(accelerator.num_processes):  # each call gathers on one rank
+                inner.consolidate_state_dict(to=rank)
+                if rank == accelerator.process_index:
+                    mine = inner._all_state_dicts
+            inner._all_state_dicts = mine  # this rank's gathered copy, for state_dict()
+            found.append(inner)
+    return found
+
+
 def save_checkpoint(accelerator: Any, state: TrainState, cfg: RecipeConfig,
                     scheduler: Any, refresh: Any = None) -> Path:
     """``accelerator.save_state`` (model as safetensors, optimizer) plus, written by the recipe
@@ -507,7 +528,10 @@ def save_checkpoint(accelerator: Any, state: TrainState, cfg: RecipeConfig,
         if directory.exists():  # an interrupted save of this step: start afresh
             _discard(directory)
     accelerator.wait_for_everyone()
+    zero1 = _consolidate_zero1(accelerator)
     accelerator.save_state(str(directory))
+    for inner in zero1:  # drop the gathered copies
+        inner._all_state_dicts = []
     _save_parts(directory, scheduler, accelerator, refresh)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:

@@ -54,6 +54,9 @@ class RecipeConfig:
     optimizer_kwargs: dict = field(default_factory=dict)  # passed to the optimizer as is
     lora_alpha: float = 32.0
     refresh_sync: str = "none"  # "broadcast": refresh on rank 0 and broadcast (DDP)
+    #: DDP: split the optimizer state across ranks by whole parameters (torch's
+    #: ZeroRedundancyOptimizer; lowrank_optim.create_optimizer(..., zero1=True))
+    zero1: bool = False
     #: {}: refresh every update_proj_gap steps; else a lowrank_optim.schedules spec, e.g.
     #: {"kind": "adaptive", "gap": 50, "max_gap": 400}, timing each layer's refreshes
     refresh_schedule: dict = field(default_factory=dict)
@@ -373,6 +376,13 @@ def _check_projection(cfg: RecipeConfig) -> None:
                           f"settings; use {', '.join(flag(c) for c in clashes)} instead")
     if cfg.refresh_sync not in ("none", "broadcast"):
         raise bad_setting("refresh_sync", cfg.refresh_sync, "choose 'none' or 'broadcast'")
+    if cfg.zero1:
+        for key, off in (("refresh_sync", "none"), ("refresh_schedule", {}),
+                         ("deepspeed", None)):
+            if getattr(cfg, key) != off:
+                raise bad_setting("zero1", True, f"does not combine with {flag(key)} (ZeRO-1 "
+                                  "steps each parameter on the one rank that owns it; it runs "
+                                  f"under DDP): drop {flag(key)} or --zero1")
     _check_refresh_schedule(cfg)
 
 

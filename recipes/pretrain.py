@@ -157,6 +157,8 @@ def build_optimizer(cfg: RecipeConfig, model: torch.nn.Module):
     name = cfg.optimizer.lower().replace("-", "_")
     kwargs: dict[str, Any] = {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
                               **cfg.optimizer_kwargs}
+    if cfg.zero1:
+        kwargs["zero1"] = True
     if cfg.betas is not None:
         kwargs["betas"] = tuple(float(b) for b in cfg.betas)
     if name == "lora":
@@ -407,6 +409,11 @@ def _setup(cfg: RecipeConfig) -> Run:
     from accelerate.utils import set_seed
 
     accelerator = make_accelerator(cfg)
+    if cfg.zero1 and engine_name(accelerator) != "ddp":
+        raise RecipeError(f"--zero1 true splits the optimizer state across DDP ranks, but this "
+                          f"launch runs {engine_name(accelerator)} x {accelerator.num_processes}: "
+                          "launch with recipes/accelerate/ddp.yaml and 2+ processes, or drop "
+                          "--zero1.")
     set_seed(cfg.seed)
     cfg = agree_output_dir(cfg, accelerator)
     Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
@@ -415,7 +422,11 @@ def _setup(cfg: RecipeConfig) -> Run:
     # The scheduler is stepped here once per optimizer step (accelerate's prepared scheduler
     # would step num_processes times) and checkpointed by the recipe as JSON: registered with
     # accelerate, it would be unpickled with weights_only=False at resume.
-    model, prepared_optimizer = accelerator.prepare(model, optimizer)
+    # a ZeroRedundancyOptimizer's state_dict() needs a consolidation first, which accelerate's
+    # device placement (a state_dict / load_state_dict round trip of the empty state) skips
+    placement = [accelerator.device_placement, False] if cfg.zero1 else None
+    model, prepared_optimizer = accelerator.prepare(model, optimizer,
+                                                    device_placement=placement)
     if accelerator.is_main_process and set(cfg.report_to) & {"tensorboard", "wandb", "all"}:
         accelerator.init_trackers(cfg.project, config=flat_config(cfg),
                                   init_kwargs={"wandb": {"name": cfg.run_name}}

@@ -118,6 +118,31 @@ def test_ddp_ranks_hold_identical_parameters_and_subspaces(tmp_path, cache, name
     assert_same_run(out, tmp_path / "single")
 
 
+@pytest.mark.slow
+def test_zero1_equals_ddp_and_resumes_exactly(tmp_path, cache):
+    """--zero1 true (ZeroRedundancyOptimizer: each rank keeps the state of its share of the
+    parameters, GaLore refreshing every 4 steps) trains exactly as plain DDP, holds less state
+    per rank, and resumes from a step-4 checkpoint bit for bit."""
+    args = ["--optimizer", "galore_adamw", "--max-steps", "8", "--batch-size", "2"]
+    ddp = tmp_path / "ddp"
+    plain = succeeded(launch("ddp.yaml", 2, ddp, cache, *args), ddp, 2)
+    full = tmp_path / "zero1"
+    first = succeeded(launch("ddp.yaml", 2, full, cache, *args, "--zero1", "true",
+                             "--save-every", "4"), full, 2)
+    assert metrics(full) == metrics(ddp) and metrics(full, "val_loss") == metrics(ddp, "val_loss")
+    assert first[0]["param_digest"] == first[1]["param_digest"] == plain[0]["param_digest"]
+    zero_bytes = metrics(full, "state_bytes")
+    assert max(zero_bytes.values()) < 0.8 * max(metrics(ddp, "state_bytes").values())
+    resumed = tmp_path / "resumed"
+    shutil.copytree(full / "checkpoints" / "step_4", resumed / "checkpoints" / "step_4")
+    proc = launch("ddp.yaml", 2, resumed, cache, *args, "--zero1", "true", "--resume-from",
+                  "latest")
+    second = succeeded(proc, resumed, 2)
+    assert "resumed from" in proc.stdout
+    assert [r["param_digest"] for r in second] == [r["param_digest"] for r in first]
+    assert metrics(resumed) == {k: v for k, v in metrics(full).items() if k > 4}
+
+
 FSDP2_SUPPORTED = ["adamw", "galore_adamw", "dct_adamw", "lora"]
 
 
