@@ -4,12 +4,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
 import lowrank_optim as lo
 from tests.helpers import init_gloo, record_steps, spawn_two, tiny_llama
 
+ROOT = Path(__file__).resolve().parents[1]
 #: equal to DDP bit for bit (whole parameters stepped by their owner)
 EXACT = {"galore_adamw": dict(rank=8, update_proj_gap=2, lr=1e-2),
          "dct_adamw": dict(rank=8, lr=1e-2),
@@ -117,3 +120,15 @@ def test_zero1_refusals_name_the_fix():
         lo.create_optimizer(tiny_llama(), "sst_adamw", rank=8, zero1=True)
     with pytest.raises(ValueError, match="zero1"):
         lo.create_optimizer(tiny_llama(), "galore_adamw", rank=8, zero1="yes")
+
+
+@pytest.mark.parametrize("flags, clash", [
+    (["--refresh-sync", "broadcast"], "--refresh-sync"),
+    (["--deepspeed", str(ROOT / "recipes" / "accelerate" / "ds_zero0.json")], "--deepspeed"),
+])
+def test_recipe_refuses_zero1_with_what_it_cannot_combine(flags, clash):
+    from recipes import config
+
+    with pytest.raises(config.RecipeError, match=f"zero1.*{clash}"):
+        config.parse_args(["--config", str(ROOT / "recipes" / "configs" / "tiny_test.yaml"),
+                           "--zero1", "true", *flags])
