@@ -96,7 +96,9 @@ class MemoryProfile:
         lines = [f"{self.model} ({self.num_params / 1e6:,.1f}M params), {self.optimizer}, "
                  f"{self.mode} | precision {s.get('precision')}, seq {s.get('seq_len')}, "
                  f"batch {s.get('batch_size')}, checkpointing {s.get('checkpointing')}, "
-                 f"layerwise {s.get('layerwise')}", ""]
+                 f"layerwise {s.get('layerwise')}"
+                 + (f", {s.get('engine')} x {s.get('world_size')} (one GPU's bytes)"
+                    if s.get("world_size", 1) > 1 else ""), ""]
         lines += [f"  {name:<32}{format_bytes(b):>12}" for name, b in rows]
         per = self.optimizer_state / max(self.num_params, 1)
         lines += [f"  {'optimizer bytes / param':<32}{per:>12.3f}", "",
@@ -212,6 +214,42 @@ def _optimizer(model, name: str, rank: int, opt_args: dict[str, Any], analytic: 
     return opt
 
 
+ENGINES = ("ddp", "zero1")
+
+
+def _check_engine(world_size: Any, engine: Any, mode: str, layerwise: bool) -> None:
+    if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {list(ENGINES)} (FSDP2 is not profiled yet), "
+                         f"got {engine!r}")
+    if engine == "zero1" and mode != "analytic":
+        raise ValueError("engine='zero1' is profiled in analytic mode (one process cannot "
+                         "measure another rank's share); drop mode='measured'")
+    if engine == "zero1" and layerwise:
+        raise ValueError("engine='zero1' with layerwise=True: layer-wise updates do not run "
+                         "under ZeroRedundancyOptimizer; drop one of them")
+
+
+def _zero1_rank(opt, name: str, world_size: int):
+    """``(the optimizer of the rank with the most state, every rank's state bytes)``: each
+    rank's share of ``opt``'s param groups (``ZeroRedundancyOptimizer``'s partition) gets an
+    optimizer of ``opt``'s class, stepped on the meta device."""
+    from lowrank_optim.distributed import check_zero1, partition_by_size
+    from lowrank_optim.optim.base import LowRankOptimizer
+
+    cls = type(opt)
+    check_zero1(cls, name)
+    extra = {"nonfinite": "ignore"} if isinstance(opt, LowRankOptimizer) else {}
+    ranks = []
+    for groups in partition_by_size(opt.param_groups, world_size):
+        local = cls(groups, **extra)
+        local.step()
+        ranks.append(local)
+    totals = [state_bytes(r).total for r in ranks]
+    return ranks[totals.index(max(totals))], totals
+
+
 def _check_opt_args(opt_args: Any) -> dict[str, Any]:
     if opt_args is None:
         return {}
@@ -261,12 +299,22 @@ def profile(
     mode: str = "analytic",
     device: str | None = None,
     steps: int = 2,
+    world_size: int = 1,
+    engine: str = "ddp",
 ) -> MemoryProfile:
     """Memory profile of training ``model`` with ``optimizer`` (see module docstring).
 
     ``device`` (default CUDA when available, else CPU) and ``steps`` apply to
     ``mode="measured"`` only: a ``device`` in analytic mode is an error, ``steps`` is ignored
     there (the command line rejects ``--steps`` without ``--mode measured``).
+
+    ``world_size`` and ``engine`` give the bytes one GPU of a data-parallel run holds:
+    ``"ddp"`` replicates everything (the single-process numbers); ``"zero1"`` (analytic mode)
+    splits the optimizer state by whole parameters as ``ZeroRedundancyOptimizer`` does
+    (:func:`lowrank_optim.distributed.partition_by_size`): each rank's optimizer is built for
+    its share and stepped on the meta device, and the profile shows the rank with the most
+    state (``settings["per_rank_state"]`` lists every rank's; equal to the measured bytes on
+    2 CPU ranks, ``tests/test_zero1.py``).  FSDP2 is not profiled yet.
 
     Raises
     ------
@@ -291,6 +339,7 @@ def profile(
         raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
     if mode not in ("analytic", "measured"):
         raise ValueError(f"mode must be 'analytic' or 'measured', got {mode!r}")
+    _check_engine(world_size, engine, mode, layerwise)
     analytic = mode == "analytic"
     if analytic and device is not None:
         raise ValueError(f"device={device!r} applies to mode='measured' only (analytic mode "
@@ -305,10 +354,14 @@ def profile(
     params = [p for g in opt.param_groups for p in g["params"]]
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
+    per_rank = None
     if analytic:
         for p in params:
             p.grad = torch.empty_like(p)
-        opt.step()
+        if engine == "zero1":
+            opt, per_rank = _zero1_rank(opt, optimizer, world_size)
+        else:
+            opt.step()
     else:
         g = torch.Generator(device="cpu").manual_seed(0)
         for _ in range(steps):
@@ -322,13 +375,14 @@ def profile(
     gradients = max(grads, default=0) if layerwise else sum(grads)
     return MemoryProfile(
         model=model_name(model) or str(model), optimizer=optimizer, mode=mode,
-        num_params=sb.num_params,
+        num_params=sum(p.numel() for p in params),  # the model's, also under zero1
         weights=weights, gradients=gradients, moments=sb.moments, projectors=sb.projectors,
         indices=sb.indices, other_state=sb.other,
         activations=activation_bytes(config, seq_len, batch_size, precision, checkpointing),
         settings=dict(rank=rank, opt_args=opt_args, seq_len=seq_len,
                       batch_size=batch_size, precision=precision, checkpointing=checkpointing,
-                      layerwise=layerwise, device=dev),
+                      layerwise=layerwise, device=dev, world_size=world_size, engine=engine,
+                      **({"per_rank_state": per_rank} if per_rank is not None else {})),
         cuda_peak=torch.cuda.max_memory_allocated() if dev.startswith("cuda") else None,
     )
 
@@ -534,6 +588,11 @@ def argument_parser() -> argparse.ArgumentParser:
                     help="measured mode's device (default: cuda when available, else cpu)")
     ap.add_argument("--steps", type=int, default=None,
                     help="training steps in measured mode (default: 2)")
+    ap.add_argument("--world-size", type=int, default=1,
+                    help="data-parallel processes (GPUs); the profile is one GPU's")
+    ap.add_argument("--engine", choices=list(ENGINES), default="ddp",
+                    help="ddp: everything replicated; zero1: optimizer state split across "
+                    "ranks by whole parameters (ZeroRedundancyOptimizer; analytic mode)")
     ap.add_argument("--json", help="write the profiles as JSON (bytes) to this file")
     ap.add_argument("--png", help="write a stacked bar chart to this image file")
     return ap
@@ -560,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
                 args.model, name, rank=args.rank, opt_args=opt_args, seq_len=args.seq_len,
                 batch_size=args.batch_size, precision=args.precision,
                 checkpointing=args.checkpointing, layerwise=args.layerwise, mode=args.mode,
-                device=args.device, steps=2 if args.steps is None else args.steps))
+                device=args.device, steps=2 if args.steps is None else args.steps,
+                world_size=args.world_size, engine=args.engine))
     except (ValueError, TypeError, KeyError) as e:
         ap.error(_message(e))
     for p in profiles:

@@ -110,6 +110,16 @@ def test_zero1_equals_ddp_splits_the_state_and_resumes_exactly(tmp_path):
         assert zero_moments + other_moments == ddp_moments, name
         assert max(zero_total, other_total) < 0.8 * ddp_total, (name, r0, r1)
     assert r0["keyword"] == 0.0 and r1["keyword"] == 0.0  # keyword defaults == param groups
+    # the profiler's analytic per-rank bytes (meta device) equal the measured ones
+    from lowrank_optim.profile import profile
+
+    for name, kwargs in EXACT.items():
+        analytic = profile("tiny", name, rank=8, precision="fp32", world_size=2,
+                           engine="zero1",
+                           opt_args={k: v for k, v in kwargs.items() if k != "rank"})
+        measured = [r0[name]["bytes"][1][0], r1[name]["bytes"][1][0]]
+        assert analytic.settings["per_rank_state"] == measured, name
+        assert analytic.optimizer_state == max(measured), name
     assert r0["resume"] == 0.0 and r1["resume"] == 0.0
 
 
@@ -132,3 +142,24 @@ def test_recipe_refuses_zero1_with_what_it_cannot_combine(flags, clash):
     with pytest.raises(config.RecipeError, match=f"zero1.*{clash}"):
         config.parse_args(["--config", str(ROOT / "recipes" / "configs" / "tiny_test.yaml"),
                            "--zero1", "true", *flags])
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(world_size=0, engine="zero1"), "world_size"),
+    (dict(world_size=2, engine="fsdp2"), "engine"),
+    (dict(world_size=2, engine="zero1", mode="measured"), "analytic"),
+    (dict(world_size=2, engine="zero1", layerwise=True), "layerwise"),
+])
+def test_profile_engine_settings_are_checked(kwargs, match):
+    from lowrank_optim.profile import profile
+
+    with pytest.raises(ValueError, match=match):
+        profile("tiny", "galore_adamw", rank=8, **kwargs)
+
+
+def test_profile_cli_reports_one_gpu_of_a_zero1_run(capsys):
+    from lowrank_optim.profile import main
+
+    assert main(["--model", "tiny", "--optimizer", "galore_adamw", "--rank", "8",
+                 "--world-size", "2", "--engine", "zero1"]) == 0
+    assert "zero1 x 2 (one GPU's bytes)" in capsys.readouterr().out

@@ -40,7 +40,12 @@ from lowrank_optim.distributed.tensors import (
     is_dtensor,
     local_tensor,
 )
-from lowrank_optim.distributed.zero import check_zero1, local_optimizer, zero1
+from lowrank_optim.distributed.zero import (
+    check_zero1,
+    local_optimizer,
+    partition_by_size,
+    zero1,
+)
 
 __all__ = [
     "FLATTENED_MESSAGE",
@@ -61,6 +66,7 @@ __all__ = [
     "layout_fingerprint",
     "local_optimizer",
     "local_tensor",
+    "partition_by_size",
     "sharded_step",
     "sharding_problem",
     "zero1",

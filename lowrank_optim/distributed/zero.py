@@ -31,6 +31,26 @@ def local_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
     return optimizer.optim if isinstance(optimizer, ZeroRedundancyOptimizer) else optimizer
 
 
+def partition_by_size(param_groups: list[dict[str, Any]], world_size: int
+                      ) -> list[list[dict[str, Any]]]:
+    """The param groups each of ``world_size`` ranks gets, as ``ZeroRedundancyOptimizer``
+    partitions them: group by group, parameters largest first, each to the rank with the fewest
+    elements so far (the first such rank on ties); every group keeps its keys on every rank.
+    For the analytic per-rank profile (:mod:`lowrank_optim.profile`)."""
+    sizes = [0] * world_size
+    ranks: list[list[dict[str, Any]]] = [[] for _ in range(world_size)]
+    for group in param_groups:
+        shares: list[list[torch.Tensor]] = [[] for _ in range(world_size)]
+        for param in sorted(group["params"], key=lambda t: t.numel(), reverse=True):
+            rank = sizes.index(min(sizes))
+            shares[rank].append(param)
+            sizes[rank] += param.numel()
+        keys = {k: v for k, v in group.items() if k != "params"}
+        for rank, share in enumerate(shares):
+            ranks[rank].append({**keys, "params": share})
+    return ranks
+
+
 def check_zero1(optimizer_class: type, name: str | None = None) -> None:
     """Raise ``NotImplementedError`` if ``optimizer_class`` cannot run under ZeRO-1 by whole
     parameters (see the module notes), naming what does."""
