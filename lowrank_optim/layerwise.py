@@ -39,7 +39,9 @@ from typing import Any
 
 import torch
 
+from lowrank_optim import distributed
 from lowrank_optim.core import refresh_due
+from lowrank_optim.distributed import layerwise as dist_layerwise
 from lowrank_optim.optim.base import LowRankOptimizer
 from lowrank_optim.validation import check_int_at_least, check_positive, param_label
 
@@ -104,13 +106,6 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 "step, which must not happen in the middle of a backward pass). Use it with a "
                 "regular optimizer.step()."
             )
-        if (torch.distributed.is_available() and torch.distributed.is_initialized()
-                and torch.distributed.get_world_size() > 1):
-            raise NotImplementedError(
-                "Layer-wise updates step each parameter as soon as backward has produced its "
-                "local gradient, before data-parallel ranks have averaged it; they are "
-                "single-process only."
-            )
         # torch.optim.Optimizer's bookkeeping (hooks, step patching) on a placeholder group;
         # from then on param_groups, state and defaults are the wrapped optimizer's
         super().__init__([torch.zeros(1, requires_grad=True)], {})
@@ -125,6 +120,10 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         self._pending: dict[torch.Tensor, int] = {}  # micro-batches in the open window
         self._seen: dict[torch.Tensor, int] = {}  # hook calls since the last step()
         self._handles: list[Any] = []
+        self._ddp: Any = None  # the DDP module whose buckets step the parameters (attach_ddp)
+        self._ddp_sync = True  # whether DDP's last forward will all-reduce in its backward
+        #: params whose accumulated gradient holds this rank's unreduced part (DDP no_sync)
+        self._local: set[torch.Tensor] = set()
         self._sq_norm: torch.Tensor | None = None  # sum of squared norms of this step's grads
         #: l2 norm (before clipping) of every gradient used by the previous step; a 0-d fp32
         #: tensor (read it with ``float()``, one host sync), ``None`` before the first step
@@ -209,7 +208,8 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         """At a window's first micro-batch: accumulate the projected gradient, unless the
         parameter is unprojected or its subspace is due for a refresh in this window."""
         if (self._accumulation == 1 or id(param) not in self._projected
-                or self.optimizer.rule.full_gradient):  # APOLLO / Fira need each full gradient
+                or self.optimizer.rule.full_gradient  # APOLLO / Fira need each full gradient
+                or distributed.is_dtensor(param)):  # FSDP2 accumulates the sharded gradient
             return False
         state = self.optimizer.state[param]
         step = int(state["step"]) if "step" in state else 0
@@ -220,25 +220,87 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     def _hook(self, param: torch.Tensor) -> None:
         if param.grad is None or param not in self._where:
             return
+        if (self._ddp is None and not distributed.is_dtensor(param)
+                and dist_layerwise.multi_process()):
+            raise RuntimeError(
+                f"{self._label(param)}: layer-wise step on this rank's own gradient in a "
+                "multi-process run. Wrap the model in DistributedDataParallel and call "
+                "LayerwiseOptimizer.attach_ddp(ddp) before the first backward (the parameters "
+                "then step once DDP has all-reduced them), or shard it with FSDP2's fully_shard "
+                "before building the optimizer.")
         group, index = self._group(param)
         count = self._pending.get(param, 0) + 1
         self._pending[param] = count
         self._seen[param] = self._seen.get(param, 0) + 1
         if count == 1:
             self._lowrank_window[param] = self._accumulates_lowrank(param, group)
+        if self._ddp is not None:
+            if self._ddp_sync:  # DDP reduces this gradient: its bucket's hook steps it
+                return
+            self._local.add(param)  # no_sync: accumulate this rank's part
         if self._lowrank_window[param]:
-            projector, state = self.optimizer.projector, self.optimizer.state[param]
-            low = projector.project(param.grad, projector.subspace(state), group)
-            acc = state.get(ACCUMULATOR_KEY)
-            state[ACCUMULATOR_KEY] = low.clone() if acc is None else acc.add_(low)
+            self._accumulate(param, param.grad, group)
             param.grad = None  # the full gradient of this micro-batch is not kept
-        if count >= self._accumulation:
+        if self._ddp is None and count >= self._accumulation:
             self._step(param, group, index)
 
-    def _step(self, param: torch.Tensor, group: dict, index: int) -> None:
+    def _accumulate(self, param: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        projector, state = self.optimizer.projector, self.optimizer.state[param]
+        low = projector.project(grad, projector.subspace(state), group)
+        acc = state.get(ACCUMULATOR_KEY)
+        state[ACCUMULATOR_KEY] = low.clone() if acc is None else acc.add_(low)
+
+    def _label(self, param: torch.Tensor) -> str:
+        group, index = self._group(param)
+        return param_label(group, index, param)
+
+    # -- DDP ----------------------------------------------------------------------------------
+    def attach_ddp(self, ddp: torch.nn.Module) -> LayerwiseOptimizer:
+        """Step each parameter once DDP has all-reduced its gradient bucket.
+
+        Installs a DDP communication hook (torch's default all-reduce, then the steps of the
+        bucket's parameters; see :mod:`lowrank_optim.distributed.layerwise`).  Call it once,
+        before the first backward, with the ``DistributedDataParallel`` module whose
+        parameters this optimizer holds (built with ``find_unused_parameters=False``).
+        Micro-batches under ``ddp.no_sync()`` accumulate this rank's gradient (projected
+        into the low-rank accumulator where the window allows); the all-reduced micro-batch
+        ends the window: accumulators are averaged over the ranks in one all-reduce per
+        bucket and every parameter steps.  Returns ``self``.
+        """
+        if self._ddp is not None:
+            raise RuntimeError("attach_ddp was already called for this LayerwiseOptimizer")
+        dist_layerwise.check_ddp(ddp, list(self._where), self._label)
+        dist_layerwise.register_bucket_step(ddp, self._bucket_step)
+
+        def record_sync(module: torch.nn.Module, args: Any) -> None:
+            self._ddp_sync = bool(module.require_backward_grad_sync and torch.is_grad_enabled())
+
+        self._handles.append(ddp.register_forward_pre_hook(record_sync))
+        self._ddp = ddp
+        return self
+
+    def _bucket_step(self, params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        """DDP's comm hook, on a reduced bucket: average the accumulators, then step."""
+        mine = [(p, g) for p, g in zip(params, grads, strict=True) if p in self._pending]
+        local = [self.optimizer.state[p][ACCUMULATOR_KEY] for p, _ in mine
+                 if p in self._local and ACCUMULATOR_KEY in self.optimizer.state[p]]
+        dist_layerwise.all_reduce_mean_(local, self._ddp.process_group)
+        for param, grad in mine:
+            self._local.discard(param)
+            group, index = self._group(param)
+            if self._lowrank_window[param]:
+                self._accumulate(param, grad, group)
+                param.grad = None
+            if self._pending[param] >= self._accumulation:
+                self._step(param, group, index, None if self._lowrank_window[param] else grad)
+            elif not self._lowrank_window[param]:  # reduced each micro-batch: keep the sum
+                param.grad = grad.clone()
+
+    def _step(self, param: torch.Tensor, group: dict, index: int,
+              full: torch.Tensor | None = None) -> None:
         state = self.optimizer.state[param]
         low = state.pop(ACCUMULATOR_KEY, None)
-        grad = param.grad if low is None else low
+        grad = low if low is not None else param.grad if full is None else full
         self._pending.pop(param, None)
         self._lowrank_window.pop(param, None)
         if grad is None:
@@ -246,17 +308,19 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         if self.optimizer.nonfinite != "ignore" and not self._finite(grad, group, index, param):
             param.grad = None
             return
-        norm = torch.linalg.vector_norm(grad, dtype=torch.float32)
-        sq = norm.square()
+        sq = dist_layerwise.global_sq_norm(grad)  # a shard's: summed over the ranks
+        norm = sq.sqrt()
         self._sq_norm = sq if self._sq_norm is None else self._sq_norm.add_(
             sq.to(self._sq_norm.device))
         if self._max_norm is not None:
-            grad.mul_((self._max_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
+            distributed.local_tensor(grad).mul_(
+                (self._max_norm / (norm + 1e-6)).clamp(max=1.0).to(grad.dtype))
         self.optimizer.step_param(param, group, index, grad, projected=low is not None)
         param.grad = None  # freed right after its step
 
     def _finite(self, grad: torch.Tensor, group: dict, index: int, param: torch.Tensor) -> bool:
-        if bool(grad.sum(dtype=torch.float32).isfinite()):
+        finite = bool(distributed.local_tensor(grad).sum(dtype=torch.float32).isfinite())
+        if distributed.all_ranks_true(finite, [grad]):  # a shard's verdict: every rank's
             return True
         label = param_label(group, index, param)
         if self.optimizer.nonfinite == "raise":
@@ -285,6 +349,14 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                 loss = closure()
         seen = max(self._seen.values(), default=0)
         self._seen.clear()
+        if self._local:
+            names = ", ".join(self._label(p) for p in list(self._local)[:3])
+            self.zero_grad()
+            raise RuntimeError(
+                f"step() after a backward under ddp.no_sync(): the gradients of {names} ... "
+                "were never all-reduced, so stepping them would desynchronise the replicas "
+                "(the window was dropped). Run the last micro-batch of each optimizer step "
+                "outside no_sync().")
         if seen > self._accumulation:
             raise RuntimeError(
                 f"{seen} backward passes reached the parameters between two step() calls but "
@@ -305,6 +377,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             self.optimizer.state[param].pop(ACCUMULATOR_KEY, None)
         self._pending.clear()
         self._lowrank_window.clear()
+        self._local.clear()
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         if "optimizer" not in self.__dict__:  # torch.optim.Optimizer.__init__'s placeholder

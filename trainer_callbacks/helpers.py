@@ -436,6 +436,22 @@ def _trainer_optimizer(trainer: Any, callbacks: list[TrainerCallback], stats: bo
                               gradient_accumulation_steps=trainer.args.gradient_accumulation_steps)
 
 
+def _ddp_without_unused_search(trainer: Any) -> None:
+    """Layer-wise DDP needs ``find_unused_parameters=False``.  The Trainer turns it on by
+    default for a model without activation checkpointing (a guess, not the user's choice): turn
+    it off then; refuse an explicit ``ddp_find_unused_parameters=True``."""
+    if getattr(trainer.args, "world_size", 1) <= 1:
+        return
+    handler = getattr(getattr(trainer, "accelerator", None), "ddp_handler", None)
+    if trainer.args.ddp_find_unused_parameters:
+        raise ValueError(
+            "layerwise=True with TrainingArguments(ddp_find_unused_parameters=True): a "
+            "parameter steps as soon as its gradient bucket is all-reduced, before DDP could "
+            "know which parameters went unused; set ddp_find_unused_parameters=False.")
+    if handler is not None:
+        handler.find_unused_parameters = False
+
+
 def attach(
     trainer: Any,
     name: str | None = None,
@@ -510,6 +526,8 @@ def attach(
             raise ValueError(f"Optimizer arguments {sorted(optimizer_kwargs)} need a name: "
                              "attach(trainer, 'galore_adamw', ...).")
         optimizer = _trainer_optimizer(trainer, callbacks, stats, layerwise, max_grad_norm)
+    if layerwise:
+        _ddp_without_unused_search(trainer)
     # nothing was changed above: from here on the Trainer is modified
     trainer.optimizer = optimizer
     setattr(trainer, _ATTACHED, True)
@@ -519,6 +537,6 @@ def attach(
             trainer.callback_handler.callbacks.insert(0, cb)
         else:
             trainer.add_callback(cb)
-        if isinstance(cb, LoggingCallback):  # moved before the integrations: same log rows
+        if isinstance(cb, (LoggingCallback, LayerwiseCallback)):  # they read the Trainer
             cb.bind(trainer)
     return callbacks
