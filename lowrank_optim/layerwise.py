@@ -25,6 +25,19 @@ size of all gradients but the largest few.  :class:`LayerwiseOptimizer` wraps a
   :class:`trainer_callbacks.LayerwiseCallback` rejects ``TrainingArguments.max_grad_norm > 0``
   with that explanation rather than let the Trainer clip gradients that no longer exist.
 
+* **Data parallelism.**  Under DDP, :meth:`LayerwiseOptimizer.attach_ddp` moves the steps
+  into DDP's communication hook: a parameter steps once its bucket is all-reduced (equal to
+  the regular DDP step bit for bit without accumulation), micro-batches under
+  ``ddp.no_sync()`` accumulate locally (low-rank where the window allows; the accumulators are
+  averaged over the ranks with the window's last, synchronised micro-batch), and ``param.grad``
+  is freed after each step; DDP's own buckets (one copy of every gradient) stay.  Under FSDP2
+  (parameters sharded by ``fully_shard`` before the optimizer is built) torch runs the
+  post-accumulate-grad hooks of the sharded parameters after each reduce-scatter, so each shard
+  steps on its reduced gradient (equal to the regular FSDP2 step; sharded gradients accumulate
+  in full, they are already 1/N), with norms and the non-finite check taken over all ranks.  A
+  multi-process run that is neither raises at the first backward instead of stepping on one
+  rank's gradient (:mod:`lowrank_optim.distributed.layerwise`).
+
 Call :meth:`LayerwiseOptimizer.step` once per optimizer step, as with any optimizer (the
 Trainer does): the parameters have already stepped in their hooks, so it only steps the ones
 left with a partial window (an epoch that ends mid-accumulation), and it checks that the

@@ -9,6 +9,8 @@ it also reports the peak allocated memory.
     python -m lowrank_optim.profile --model 7b --optimizer galore_adamw --rank 1024 \\
         --precision bf16 --seq-len 256 --batch-size 1 --layerwise --opt-arg bits=8
     python -m lowrank_optim.profile --model path/to/config.json --optimizer adamw --json out.json
+    python -m lowrank_optim.profile --model 7b --optimizer galore_adamw --rank 1024 \\
+        --world-size 2 --engine fsdp2 --layerwise      # one GPU of 2 (ddp | zero1 | fsdp2)
 
 Model names (``lowrank_optim.model_configs.LLAMA_SHAPES``) are spelled either way: ``7b`` or
 ``llama_7b`` (as ``recipes/configs/llama_7b.yaml``), ``llama-7b``, ``7B``.  Sizes are printed in
@@ -84,6 +86,17 @@ class MemoryProfile:
         return {**asdict(self), "optimizer_state": self.optimizer_state, "total": self.total,
                 "fits": {n: ok for n, ok, _ in self.fits()}}
 
+    def _engine_note(self) -> str:
+        """The header's engine part: ``", ddp x 2 (one GPU's bytes; DDP
+        gradient_as_bucket_view=False)"``; empty for one process under DDP."""
+        s = self.settings
+        if s.get("world_size", 1) == 1 and s.get("engine", "ddp") == "ddp":
+            return ""
+        note = "one GPU's bytes"
+        if "ddp_bucket_view" in s:
+            note += f"; DDP gradient_as_bucket_view={s['ddp_bucket_view']}"
+        return f", {s.get('engine')} x {s.get('world_size')} ({note})"
+
     def table(self) -> str:
         rows = [("weights", self.weights), ("gradients", self.gradients),
                 ("optimizer: moments", self.moments), ("optimizer: projectors", self.projectors),
@@ -97,8 +110,7 @@ class MemoryProfile:
                  f"{self.mode} | precision {s.get('precision')}, seq {s.get('seq_len')}, "
                  f"batch {s.get('batch_size')}, checkpointing {s.get('checkpointing')}, "
                  f"layerwise {s.get('layerwise')}"
-                 + (f", {s.get('engine')} x {s.get('world_size')} (one GPU's bytes)"
-                    if s.get("world_size", 1) > 1 else ""), ""]
+                 + self._engine_note(), ""]
         lines += [f"  {name:<32}{format_bytes(b):>12}" for name, b in rows]
         per = self.optimizer_state / max(self.num_params, 1)
         lines += [f"  {'optimizer bytes / param':<32}{per:>12.3f}", "",
@@ -214,21 +226,32 @@ def _optimizer(model, name: str, rank: int, opt_args: dict[str, Any], analytic: 
     return opt
 
 
-ENGINES = ("ddp", "zero1")
+ENGINES = ("ddp", "zero1", "fsdp2")
+#: DDP's default ``bucket_cap_mb`` (25 MiB): a bucket's gradients are all-reduced together
+DDP_BUCKET_BYTES = 25 * 2**20
 
 
-def _check_engine(world_size: Any, engine: Any, mode: str, layerwise: bool) -> None:
+def _check_engine(world_size: Any, engine: Any, mode: str, layerwise: bool,
+                  ddp_bucket_view: Any) -> None:
     if isinstance(world_size, bool) or not isinstance(world_size, int) or world_size < 1:
         raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
     if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {list(ENGINES)} (FSDP2 is not profiled yet), "
-                         f"got {engine!r}")
-    if engine == "zero1" and mode != "analytic":
-        raise ValueError("engine='zero1' is profiled in analytic mode (one process cannot "
+        raise ValueError(f"engine must be one of {list(ENGINES)}, got {engine!r}")
+    if not isinstance(ddp_bucket_view, bool):
+        raise TypeError(f"ddp_bucket_view must be True or False, got "
+                        f"{type(ddp_bucket_view).__name__} {ddp_bucket_view!r}")
+    if engine in ("zero1", "fsdp2") and mode != "analytic":
+        raise ValueError(f"engine={engine!r} is profiled in analytic mode (one process cannot "
                          "measure another rank's share); drop mode='measured'")
     if engine == "zero1" and layerwise:
-        raise ValueError("engine='zero1' with layerwise=True: layer-wise updates do not run "
-                         "under ZeroRedundancyOptimizer; drop one of them")
+        raise ValueError("engine='zero1' with layerwise=True: ZeroRedundancyOptimizer steps "
+                         "after backward and then broadcasts each rank's parameters, while "
+                         "layer-wise updates step inside backward; drop one of them (layer-wise "
+                         "runs under engine='ddp' or 'fsdp2')")
+    if ddp_bucket_view and (engine == "fsdp2" or world_size == 1):
+        raise ValueError("ddp_bucket_view=True describes DDP's gradient buckets "
+                         "(DistributedDataParallel(gradient_as_bucket_view=True)): it applies "
+                         "to engine='ddp' or 'zero1' with world_size > 1 only")
 
 
 def _zero1_rank(opt, name: str, world_size: int):
@@ -248,6 +271,136 @@ def _zero1_rank(opt, name: str, world_size: int):
         ranks.append(local)
     totals = [state_bytes(r).total for r in ranks]
     return ranks[totals.index(max(totals))], totals
+
+
+def _check_fsdp2(opt, name: str) -> None:
+    """``ValueError`` where the library's FSDP2 step refuses a parameter of ``opt``
+    (:func:`lowrank_optim.distributed.layout.fsdp2_problem`, the check behind
+    ``sharding_problem`` for FSDP2's ``Shard(0)`` layout), with the engines that do run it."""
+    from lowrank_optim.distributed import REPLICATED_ENGINES
+    from lowrank_optim.distributed.layout import fsdp2_problem
+    from lowrank_optim.optim.base import LowRankOptimizer
+
+    if not isinstance(opt, LowRankOptimizer):
+        return  # torch optimizers step DTensors shard by shard
+    for group in opt.param_groups:
+        for param in group["params"]:
+            problem = fsdp2_problem(opt, group, opt.projects(group, param))
+            if problem:
+                raise ValueError(f"engine='fsdp2': {problem}. {name} runs as configured under "
+                                 f"{REPLICATED_ENGINES}: profile it with engine='ddp' or "
+                                 "'zero1'")
+
+
+def _row_sharded(opt, group: dict, param: torch.Tensor):
+    """Which state entries of ``param`` FSDP2's step keeps split by rows like the parameter
+    (a predicate on ``(key, value)``): for a library optimizer the moments of shard-local steps
+    (:func:`lowrank_optim.distributed.fsdp2._row_keys`, as ``sharded_step`` decides it), for a
+    torch optimizer every entry of the parameter's shape (``zeros_like`` of a DTensor)."""
+    from lowrank_optim.distributed.fsdp2 import _row_keys
+    from lowrank_optim.optim.base import LowRankOptimizer
+
+    if not isinstance(opt, LowRankOptimizer):
+        return lambda key, value: value.dim() > 0 and value.shape == param.shape
+    projects = opt.projects(group, param)
+    sides = opt.projector.sides(tuple(param.shape), group) if projects else ()
+    keys = _row_keys(opt.rule, bool(sides) and sides != ("right",))
+    return lambda key, value: value.dim() > 0 and key in keys
+
+
+def _local_rows(rows: int, world_size: int, rank: int) -> int:
+    """Rows of a dim-0 ``Shard`` that ``rank`` holds (``torch.chunk``: the last ranks get
+    fewer, or none)."""
+    from lowrank_optim.distributed.tensors import Shard
+
+    return Shard.local_shard_size_and_offset(rows, world_size, rank)[0]
+
+
+def _fsdp2_rank(opt, world_size: int):
+    """``(a view of the rank with the most state, every rank's state bytes)`` under FSDP2:
+    ``opt``'s state (stepped on the meta device) with each row-sharded entry cut to the rows
+    that rank holds and every other entry (bases, indices, counters, gathered steps' moments)
+    kept whole; the view has what :func:`lowrank_optim.memory.state_bytes` reads."""
+    from types import SimpleNamespace
+
+    sharded = {id(p): _row_sharded(opt, g, p) for g in opt.param_groups for p in g["params"]}
+    views = []
+    for rank in range(world_size):
+        state = {}
+        for param, entries in opt.state.items():
+            split = sharded[id(param)]
+            state[param] = {
+                k: torch.empty((_local_rows(param.shape[0], world_size, rank), *v.shape[1:]),
+                               dtype=v.dtype, device="meta")
+                if isinstance(v, torch.Tensor) and split(k, v) else v
+                for k, v in entries.items()}
+        views.append(SimpleNamespace(state=state, param_groups=opt.param_groups,
+                                     state_categories=getattr(opt, "state_categories", None),
+                                     projector=getattr(opt, "projector", None)))
+    totals = [state_bytes(v).total for v in views]
+    return views[totals.index(max(totals))], totals
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _padded_shard_bytes(t: torch.Tensor, world_size: int) -> int:
+    """Bytes one rank allocates for FSDP2's shard of ``t``: dim 0 padded to a multiple of
+    ``world_size`` (every rank holds ``ceil(rows / N)`` rows, the last ones zero padding)."""
+    rows = -(-t.shape[0] // world_size) if t.dim() else 1
+    return rows * (t.numel() // max(t.shape[0], 1) if t.dim() else 1) * t.element_size()
+
+
+def _fsdp2_units(net) -> tuple[list[list[torch.Tensor]], list[torch.Tensor]]:
+    """``(decoder layers' parameters, the root unit's)``: the recipe's FSDP2 units, one per
+    decoder layer (the model's largest ``nn.ModuleList``) and the root for the rest
+    (embeddings, final norm, LM head)."""
+    lists = [m for m in net.modules() if isinstance(m, torch.nn.ModuleList)]
+    layers = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()), default=[])
+    units = [list(layer.parameters()) for layer in layers]
+    inside = {id(p) for unit in units for p in unit}
+    return units, [p for p in net.parameters() if id(p) not in inside]
+
+
+def _fsdp2_memory(net, world_size: int, layerwise: bool) -> tuple[int, int, dict[str, int]]:
+    """``(weights, gradients, their parts)`` of one FSDP2 rank in the backward of a decoder
+    layer (see :func:`profile`)."""
+    layers, root = _fsdp2_units(net)
+    n = world_size
+
+    def gathered(unit: list[torch.Tensor], grads: bool = False) -> int:
+        # the all-gather output (a reduce-scatter input): N padded shards of every tensor
+        return sum(n * _padded_shard_bytes(p, n) for p in unit if p.requires_grad or not grads)
+
+    def shards(unit: list[torch.Tensor], grads: bool = False) -> int:
+        return sum(_padded_shard_bytes(p, n) for p in unit if p.requires_grad or not grads)
+
+    everything = [*root, *(p for u in layers for p in u)]
+    embedding = net.get_input_embeddings().weight
+    parts = {
+        "weight_shards": shards(everything),
+        "weights_gathered": gathered(root) + 2 * max(map(gathered, layers), default=0),
+        # layerwise: one unit's reduce-scatter output, its parameters stepping one by one
+        "gradient_shards": (max(shards(u, True) for u in [root, *layers]) if layerwise
+                            else shards(everything, True)),
+        "gradients_gathered": gathered([p for p in root if p is not embedding], True)
+        + max((gathered(u, True) for u in layers), default=0),
+    }
+    buffers = sum(_nbytes(b) for b in net.buffers())  # not sharded by fully_shard
+    return (parts["weight_shards"] + parts["weights_gathered"] + buffers,
+            parts["gradient_shards"] + parts["gradients_gathered"], parts)
+
+
+def _ddp_gradients(grads: list[int], world_size: int, layerwise: bool,
+                   bucket_view: bool) -> tuple[int, dict[str, int]]:
+    """``(gradients, their parts)`` of one DDP (or ZeRO-1, which runs under DDP) rank."""
+    total, largest = sum(grads), max(grads, default=0)
+    if world_size == 1:  # one process: no DDP
+        return (largest if layerwise else total), {}
+    in_flight = min(total, max(DDP_BUCKET_BYTES, largest))  # the bucket being filled
+    grad_bytes = 0 if bucket_view else (in_flight if layerwise else total)
+    return total + grad_bytes, {"ddp_buckets": total, "param_grads": grad_bytes}
 
 
 def _check_opt_args(opt_args: Any) -> dict[str, Any]:
@@ -301,6 +454,7 @@ def profile(
     steps: int = 2,
     world_size: int = 1,
     engine: str = "ddp",
+    ddp_bucket_view: bool = False,
 ) -> MemoryProfile:
     """Memory profile of training ``model`` with ``optimizer`` (see module docstring).
 
@@ -308,24 +462,66 @@ def profile(
     ``mode="measured"`` only: a ``device`` in analytic mode is an error, ``steps`` is ignored
     there (the command line rejects ``--steps`` without ``--mode measured``).
 
-    ``world_size`` and ``engine`` give the bytes one GPU of a data-parallel run holds:
-    ``"ddp"`` replicates everything (the single-process numbers); ``"zero1"`` (analytic mode)
-    splits the optimizer state by whole parameters as ``ZeroRedundancyOptimizer`` does
-    (:func:`lowrank_optim.distributed.partition_by_size`): each rank's optimizer is built for
-    its share and stepped on the meta device, and the profile shows the rank with the most
-    state (``settings["per_rank_state"]`` lists every rank's; equal to the measured bytes on
-    2 CPU ranks, ``tests/test_zero1.py``).  FSDP2 is not profiled yet.
+    ``world_size`` and ``engine`` give the bytes one GPU of a data-parallel run holds, at
+    the peak of a step (the backward of a decoder layer); N is ``world_size``, G the bytes of
+    all gradients, g the largest gradient's:
+
+    * ``"ddp"``: weights and optimizer state replicated (the single-process numbers).  With
+      N > 1, DDP's reducer keeps its bucket buffers (one flat copy of all gradients, always
+      allocated) besides ``param.grad``: gradients = 2 G under torch's default
+      ``gradient_as_bucket_view=False``, G with ``ddp_bucket_view=True`` (``param.grad`` views
+      the buckets).  Layer-wise (a communication hook steps each parameter after its bucket is
+      all-reduced and frees ``param.grad``): G + min(G, max(25 MiB, g)), the buckets plus the
+      ``param.grad`` of the bucket being filled (DDP's ``bucket_cap_mb=25``); G with
+      ``ddp_bucket_view=True``.  N = 1 runs without DDP: G, or g layer-wise.
+    * ``"zero1"`` (analytic mode): DDP's gradients and weights; the optimizer state split by
+      whole parameters as ``ZeroRedundancyOptimizer`` does
+      (:func:`lowrank_optim.distributed.partition_by_size`): each rank's optimizer is built for
+      its share and stepped on the meta device.  Not layer-wise (it steps after backward and
+      broadcasts the parameters).
+    * ``"fsdp2"`` (analytic mode), the recipe's units (``fully_shard`` on every decoder layer,
+      then on the model: the root unit holds the embeddings, final norm and LM head), no
+      ``MixedPrecisionPolicy`` (parameters and gradients in ``precision``).  FSDP2 pads dim 0
+      to a multiple of N, so a tensor of ``rows`` rows costs every rank ``ceil(rows / N)`` rows
+      (``shard``), and its all-gathered copy N of those.  Weights = the shards of every
+      parameter + buffers + the gathered root unit (unsharded from forward until the end of
+      backward, whose final callback reshards it) + 2 gathered decoder layers (the one in
+      backward and the one its pre-backward hook prefetches; forward's implicit prefetch also
+      holds two).  Gradients = the sharded gradients (shards of every parameter) + the
+      gathered gradients of the root unit but the input embedding (the LM head's, from the
+      start of backward to the root's reduce-scatter at its end; the embedding's comes after
+      the layers) + one decoder layer's (until its reduce-scatter).  Layer-wise (each
+      parameter steps on its sharded gradient after the reduce-scatter): the sharded
+      gradients shrink to one unit's (the reduce-scatter output is one buffer per unit, which
+      its parameters' gradients view).  Left out: the reduce-scatter input (a copy of one
+      unit's gradients, briefly) and allocator caching.  Optimizer state per rank is what the
+      library's sharded step keeps: the optimizer is stepped on the meta device and every
+      state entry that :mod:`lowrank_optim.distributed.fsdp2` keeps split by rows (moments of
+      shard-local steps) is cut to the rows that rank holds (unpadded); bases, indices,
+      counters and the moments of gathered (left / two-sided) steps are counted whole.
+      Optimizers FSDP2 cannot step are refused with the library's reason.
+
+    Under ``"zero1"`` and ``"fsdp2"`` the profile shows the rank with the most state and
+    ``settings["per_rank_state"]`` lists every rank's (equal to the measured bytes on 2 CPU
+    ranks: ``tests/test_zero1.py``, ``tests/test_profile_engines.py``); the parts of weights
+    and gradients are in ``settings`` (``weight_shards``, ``weights_gathered``,
+    ``gradient_shards``, ``gradients_gathered``; ``ddp_buckets``, ``param_grads``).
 
     Raises
     ------
     TypeError
         An argument of the wrong type (a string or bool where an int goes, a non-bool
-        ``checkpointing`` / ``layerwise``, ``opt_args`` not a dict).
+        ``checkpointing`` / ``layerwise`` / ``ddp_bucket_view``, ``opt_args`` not a dict).
     ValueError
         A value out of range or unknown (sizes < 1, precision, mode, model, optimizer name,
-        device), ``device`` in analytic mode, ``opt_args`` holding ``rank``,
-        ``layerwise`` with an optimizer that cannot step per parameter, and every error of
+        device, engine), ``device`` in analytic mode, ``opt_args`` holding ``rank``,
+        ``layerwise`` with an optimizer that cannot step per parameter or with ``"zero1"``,
+        ``"zero1"`` / ``"fsdp2"`` in measured mode, ``ddp_bucket_view`` without DDP, an
+        optimizer FSDP2 cannot step (the library's reason), and every error of
         :func:`lowrank_optim.create_optimizer` (rank larger than the model, bad settings).
+    NotImplementedError
+        ``"zero1"`` with an optimizer ZeRO-1 cannot run
+        (:func:`lowrank_optim.distributed.check_zero1`).
     """
     for name, value in (("seq_len", seq_len), ("batch_size", batch_size), ("rank", rank),
                         ("steps", steps)):
@@ -339,7 +535,7 @@ def profile(
         raise ValueError(f"precision must be one of {sorted(DTYPES)}, got {precision!r}")
     if mode not in ("analytic", "measured"):
         raise ValueError(f"mode must be 'analytic' or 'measured', got {mode!r}")
-    _check_engine(world_size, engine, mode, layerwise)
+    _check_engine(world_size, engine, mode, layerwise, ddp_bucket_view)
     analytic = mode == "analytic"
     if analytic and device is not None:
         raise ValueError(f"device={device!r} applies to mode='measured' only (analytic mode "
@@ -351,6 +547,8 @@ def profile(
     dtype = DTYPES[precision]
     net = _build(config, dev, dtype, checkpointing)
     opt = _optimizer(net, optimizer, rank, opt_args, analytic, layerwise)
+    if engine == "fsdp2":
+        _check_fsdp2(opt, optimizer)
     params = [p for g in opt.param_groups for p in g["params"]]
     if dev.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -362,6 +560,8 @@ def profile(
             opt, per_rank = _zero1_rank(opt, optimizer, world_size)
         else:
             opt.step()
+        if engine == "fsdp2":
+            opt, per_rank = _fsdp2_rank(opt, world_size)
     else:
         g = torch.Generator(device="cpu").manual_seed(0)
         for _ in range(steps):
@@ -370,9 +570,14 @@ def profile(
             net(input_ids=ids, labels=ids).loss.backward()
             opt.step()
     sb = state_bytes(opt)
-    weights = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
-    grads = [p.numel() * p.element_size() for p in params if p.requires_grad]
-    gradients = max(grads, default=0) if layerwise else sum(grads)
+    if engine == "fsdp2":
+        weights, gradients, parts = _fsdp2_memory(net, world_size, layerwise)
+    else:
+        weights = sum(map(_nbytes, [*net.parameters(), *net.buffers()]))
+        gradients, parts = _ddp_gradients([_nbytes(p) for p in params if p.requires_grad],
+                                          world_size, layerwise, ddp_bucket_view)
+        if parts:
+            parts["ddp_bucket_view"] = ddp_bucket_view
     return MemoryProfile(
         model=model_name(model) or str(model), optimizer=optimizer, mode=mode,
         num_params=sum(p.numel() for p in params),  # the model's, also under zero1
@@ -382,6 +587,7 @@ def profile(
         settings=dict(rank=rank, opt_args=opt_args, seq_len=seq_len,
                       batch_size=batch_size, precision=precision, checkpointing=checkpointing,
                       layerwise=layerwise, device=dev, world_size=world_size, engine=engine,
+                      **parts,
                       **({"per_rank_state": per_rank} if per_rank is not None else {})),
         cuda_peak=torch.cuda.max_memory_allocated() if dev.startswith("cuda") else None,
     )
@@ -580,7 +786,9 @@ def argument_parser() -> argparse.ArgumentParser:
     ap.add_argument("--checkpointing", action="store_true",
                     help="activation checkpointing (default: off)")
     ap.add_argument("--layerwise", action="store_true",
-                    help="per-layer updates during backward, one gradient live (default: off)")
+                    help="per-parameter updates during backward: one gradient live in one "
+                    "process; with --world-size > 1 under ddp the DDP buckets plus one bucket's "
+                    "gradients, under fsdp2 one unit's gradient shards (default: off)")
     ap.add_argument("--mode", choices=["analytic", "measured"], default="analytic",
                     help="analytic: the real optimizer stepped on meta tensors (exact state "
                     "bytes, no memory used); measured: real steps on --device")
@@ -591,8 +799,13 @@ def argument_parser() -> argparse.ArgumentParser:
     ap.add_argument("--world-size", type=int, default=1,
                     help="data-parallel processes (GPUs); the profile is one GPU's")
     ap.add_argument("--engine", choices=list(ENGINES), default="ddp",
-                    help="ddp: everything replicated; zero1: optimizer state split across "
-                    "ranks by whole parameters (ZeroRedundancyOptimizer; analytic mode)")
+                    help="ddp: everything replicated, gradients plus DDP's bucket copy; zero1: "
+                    "optimizer state split across ranks by whole parameters "
+                    "(ZeroRedundancyOptimizer; analytic mode); fsdp2: weights, gradients and "
+                    "state sharded by rows, one decoder layer per unit (analytic mode)")
+    ap.add_argument("--ddp-bucket-view", action="store_true",
+                    help="DDP with gradient_as_bucket_view=True: param.grad views DDP's "
+                    "buckets, no second gradient copy (default: off, torch's default)")
     ap.add_argument("--json", help="write the profiles as JSON (bytes) to this file")
     ap.add_argument("--png", help="write a stacked bar chart to this image file")
     return ap
@@ -620,8 +833,9 @@ def main(argv: list[str] | None = None) -> int:
                 batch_size=args.batch_size, precision=args.precision,
                 checkpointing=args.checkpointing, layerwise=args.layerwise, mode=args.mode,
                 device=args.device, steps=2 if args.steps is None else args.steps,
-                world_size=args.world_size, engine=args.engine))
-    except (ValueError, TypeError, KeyError) as e:
+                world_size=args.world_size, engine=args.engine,
+                ddp_bucket_view=args.ddp_bucket_view))
+    except (ValueError, TypeError, KeyError, NotImplementedError) as e:
         ap.error(_message(e))
     for p in profiles:
         print(p.table(), end="\n\n")

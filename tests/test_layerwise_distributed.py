@@ -27,9 +27,11 @@ STEPS = 4
 BUCKET_MB = 0.05
 
 
-def _train(module, opt, rank, accumulation, no_sync=None, gather=lambda t: t.detach().clone()):
+def _train(module, opt, rank, accumulation, no_sync=None, gather=lambda t: t.detach().clone(),
+           norms=None):
     """``STEPS`` optimizer steps of ``accumulation`` micro-batches (this rank's half of each
-    batch of 4); ``no_sync`` (DDP's) wraps every micro-batch of a window but the last."""
+    batch of 4); ``no_sync`` (DDP's) wraps every micro-batch of a window but the last.
+    ``norms`` collects each step's gradient norm (whole tensors, every parameter)."""
     model = getattr(module, "module", module)
     batches = token_batches(STEPS * accumulation, batch=4, seq=32, seed=1)
     params = []
@@ -39,7 +41,12 @@ def _train(module, opt, rank, accumulation, no_sync=None, gather=lambda t: t.det
             quiet = no_sync is not None and j < accumulation - 1
             with no_sync() if quiet else contextlib.nullcontext():
                 (lm_loss(module, local) / accumulation).backward()
+        if norms is not None and not isinstance(opt, LayerwiseOptimizer):
+            grads = [gather(p.grad) for p in model.parameters()]
+            norms.append(float(torch.stack([g.square().sum() for g in grads]).sum().sqrt()))
         opt.step()
+        if norms is not None and isinstance(opt, LayerwiseOptimizer):
+            norms.append(float(opt.last_grad_norm))
         opt.zero_grad()
         params.append({n: gather(p) for n, p in model.named_parameters()})
     return params
@@ -60,14 +67,14 @@ def _ddp_runs(rank, name, kwargs, accumulation, layerwise):
     return _train(ddp, opt, rank, accumulation, no_sync=ddp.no_sync)
 
 
-def _fsdp_runs(rank, name, kwargs, accumulation, layerwise):
+def _fsdp_runs(rank, name, kwargs, accumulation, layerwise, norms=None):
     from tests.test_recipe_engines import _fsdp_model
 
     model = _fsdp_model()
     opt = lo.create_optimizer(model, name, **kwargs)
     if layerwise:
         opt = LayerwiseOptimizer(opt, gradient_accumulation_steps=accumulation)
-    return _train(model, opt, rank, accumulation, gather=lambda t: t.full_tensor())
+    return _train(model, opt, rank, accumulation, gather=lambda t: t.full_tensor(), norms=norms)
 
 
 def _peak(rank, layerwise):
@@ -138,6 +145,12 @@ def _worker(rank, world, port, out):
                 moved = _diff(regular, [{k: torch.zeros_like(v) for k, v in s.items()}
                                         for s in regular])
                 results[engine, name, accumulation] = (_diff(regular, layerwise), moved)
+    # a shard's norm is the whole gradient's (summed over ranks): what per-parameter clipping
+    # and last_grad_norm use
+    norms = {False: [], True: []}
+    for layerwise in (False, True):
+        _fsdp_runs(rank, "galore_adamw", CASES["galore_adamw"], 1, layerwise, norms[layerwise])
+    results["norms"] = norms
     results["peak"] = (_peak(rank, False), _peak(rank, True))
     results["errors"] = _errors(rank)
     torch.save(results, f"{out}/rank{rank}.pt")
@@ -156,11 +169,15 @@ def test_layerwise_under_ddp_and_fsdp2_equals_the_regular_run(tmp_path):
                 assert diff == 0.0, (engine, name, accumulation, diff)
             else:  # projected per micro-batch, averaged over ranks: fp32 rounding
                 assert 0 <= diff < 2e-5, (engine, name, accumulation, diff)
+        assert results["norms"][True] == pytest.approx(results["norms"][False], rel=1e-5)
         regular, layerwise = results["peak"]
         grad_bytes = sum(p.numel() * 4 for p in tiny_llama().parameters())
         # DDP keeps its buckets (one copy of every gradient) in both runs; layer-wise frees
         # the param.grad copy the regular run holds until its optimizer step, and holds
         # at most a bucket's gradients at a time
+        print(f"rank peak allocated: regular DDP {regular:,} B, layer-wise DDP {layerwise:,} B, "
+              f"all gradients {grad_bytes:,} B; diffs " + ", ".join(
+                  f"{k}: {v[0]:.1e}" for k, v in results.items() if isinstance(k, tuple)))
         assert regular - layerwise > 0.3 * grad_bytes, (regular, layerwise, grad_bytes)
         errors = results["errors"]
         assert "attach_ddp" in errors.get("no_ddp", ""), errors

@@ -146,9 +146,12 @@ def test_recipe_refuses_zero1_with_what_it_cannot_combine(flags, clash):
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(world_size=0, engine="zero1"), "world_size"),
-    (dict(world_size=2, engine="fsdp2"), "engine"),
+    (dict(world_size=2, engine="fsdp1"), "engine must be one of"),
     (dict(world_size=2, engine="zero1", mode="measured"), "analytic"),
-    (dict(world_size=2, engine="zero1", layerwise=True), "layerwise"),
+    (dict(world_size=2, engine="fsdp2", mode="measured"), "analytic"),
+    (dict(world_size=2, engine="zero1", layerwise=True), "steps after backward"),
+    (dict(world_size=2, engine="fsdp2", ddp_bucket_view=True), "ddp_bucket_view"),
+    (dict(world_size=1, ddp_bucket_view=True), "world_size > 1"),
 ])
 def test_profile_engine_settings_are_checked(kwargs, match):
     from lowrank_optim.profile import profile
@@ -162,4 +165,5 @@ def test_profile_cli_reports_one_gpu_of_a_zero1_run(capsys):
 
     assert main(["--model", "tiny", "--optimizer", "galore_adamw", "--rank", "8",
                  "--world-size", "2", "--engine", "zero1"]) == 0
-    assert "zero1 x 2 (one GPU's bytes)" in capsys.readouterr().out
+    assert "zero1 x 2 (one GPU's bytes; DDP gradient_as_bucket_view=False)" in (
+        capsys.readouterr().out)
