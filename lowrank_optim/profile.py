@@ -295,16 +295,15 @@ def _check_fsdp2(opt, name: str) -> None:
 def _row_sharded(opt, group: dict, param: torch.Tensor):
     """Which state entries of ``param`` FSDP2's step keeps split by rows like the parameter
     (a predicate on ``(key, value)``): for a library optimizer the moments of shard-local steps
-    (:func:`lowrank_optim.distributed.fsdp2._row_keys`, as ``sharded_step`` decides it), for a
+    (:func:`lowrank_optim.distributed.fsdp2.step_layout`, as ``sharded_step`` decides it), for a
     torch optimizer every entry of the parameter's shape (``zeros_like`` of a DTensor)."""
-    from lowrank_optim.distributed.fsdp2 import _row_keys
+    from lowrank_optim.distributed.fsdp2 import step_layout
     from lowrank_optim.optim.base import LowRankOptimizer
 
     if not isinstance(opt, LowRankOptimizer):
         return lambda key, value: value.dim() > 0 and value.shape == param.shape
-    projects = opt.projects(group, param)
-    sides = opt.projector.sides(tuple(param.shape), group) if projects else ()
-    keys = _row_keys(opt.rule, bool(sides) and sides != ("right",))
+    projector = opt.projector if opt.projects(group, param) else None
+    keys = step_layout(opt.rule, projector, tuple(param.shape), group)[2]
     return lambda key, value: value.dim() > 0 and key in keys
 
 

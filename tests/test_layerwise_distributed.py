@@ -56,11 +56,12 @@ def _diff(a, b):
     return max((x[k] - y[k]).abs().max().item() for x, y in zip(a, b, strict=True) for k in x)
 
 
-def _ddp_runs(rank, name, kwargs, accumulation, layerwise):
+def _ddp_runs(rank, name, kwargs, accumulation, layerwise, bucket_view=False):
     from torch.nn.parallel import DistributedDataParallel
 
     model = tiny_llama()
-    ddp = DistributedDataParallel(model, bucket_cap_mb=BUCKET_MB)
+    ddp = DistributedDataParallel(model, bucket_cap_mb=BUCKET_MB,
+                                  gradient_as_bucket_view=bucket_view)
     opt = lo.create_optimizer(model, name, **kwargs)
     if layerwise:
         opt = LayerwiseOptimizer(opt, gradient_accumulation_steps=accumulation).attach_ddp(ddp)
@@ -137,9 +138,14 @@ def _worker(rank, world, port, out):
 
     init_gloo(rank, world, port)
     results = {}
-    for engine, runs in (("ddp", _ddp_runs), ("fsdp2", _fsdp_runs)):
+    def view_runs(*args):
+        return _ddp_runs(*args, bucket_view=True)
+
+    for engine, runs in (("ddp", _ddp_runs), ("ddp-view", view_runs), ("fsdp2", _fsdp_runs)):
         for name, kwargs in CASES.items():
             for accumulation in (1, 2):
+                if engine == "ddp-view" and name != "galore_adamw":
+                    continue
                 regular = runs(rank, name, kwargs, accumulation, False)
                 layerwise = runs(rank, name, kwargs, accumulation, True)
                 moved = _diff(regular, [{k: torch.zeros_like(v) for k, v in s.items()}

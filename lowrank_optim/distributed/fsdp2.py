@@ -110,6 +110,16 @@ def _row_keys(rule: Rule, gathered: bool) -> frozenset[str]:
     return frozenset() if gathered else frozenset(m.name for m in rule.moments)
 
 
+def step_layout(rule: Rule, projector: Projector | None, shape: tuple[int, ...], group: dict
+                ) -> tuple[tuple[str, ...], bool, frozenset[str]]:
+    """How :func:`sharded_step` steps a row-sharded parameter of ``shape``: the projection's
+    sides, whether it runs on the gathered gradient (any side but the right alone), and the
+    state keys kept split by rows (also the profiler's per-rank accounting)."""
+    sides = projector.sides(tuple(shape), group) if projector is not None else ()
+    gathered = bool(sides) and sides != ("right",)
+    return sides, gathered, _row_keys(rule, gathered)
+
+
 def _as_row_dtensor(local: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
     shape = (param.shape[0], *local.shape[1:])
     stride = torch.empty(shape, device="meta").stride()
@@ -138,9 +148,7 @@ def sharded_step(
         raise RuntimeError(f"parameter is a DTensor but its gradient is a {type(grad).__name__}")
     if tuple(grad.placements) != tuple(param.placements):
         grad = grad.redistribute(mesh, param.placements)
-    sides = projector.sides(tuple(param.shape), group) if projector is not None else ()
-    gathered = bool(sides) and sides != ("right",)
-    row_keys = _row_keys(rule, gathered)
+    sides, gathered, row_keys = step_layout(rule, projector, tuple(param.shape), group)
     originals = {k: v.to_local() for k, v in state.items() if is_dtensor(v)}
     local_state = {k: originals.get(k, v) for k, v in state.items()}
     step_grad = grad.to_local()
