@@ -214,6 +214,27 @@ def _describe_changes(changes: dict[str, dict[str, Any]], saved: dict[str, Any],
     return "\n".join(lines)
 
 
+#: engines whose accelerate checkpoints have the same files (model.safetensors, optimizer.bin
+#: with the whole state): a resume may switch between them (another number of processes)
+_REPLICATED_FILES = frozenset({"single", "ddp"})
+
+
+def _refuse_engine_change(directory: Path, changes: dict[str, dict[str, Any]]) -> None:
+    """A checkpoint of FSDP2 (sharded ``torch.distributed.checkpoint`` directories) or
+    DeepSpeed (its own files) loads only under the engine that wrote it; refused even with
+    ``allow_config_change``, since accelerate would fail on missing files or load nothing."""
+    engine = changes.get("engine")
+    if engine is None or {engine["saved"], engine["now"]} <= _REPLICATED_FILES:
+        return
+    raise CheckpointError(
+        f"resume_from: {directory} cannot resume under another engine (engine: saved "
+        f"{engine['saved']!r}, now {engine['now']!r}): the checkpoint files of one cannot be "
+        "loaded by the other (--allow-config-change does not cover this). Resume with the "
+        "engine it was saved with (single <-> ddp may change: same files); "
+        "lowrank_optim.distributed.save_checkpoint / load_checkpoint move a model and its "
+        "optimizer between FSDP2, DDP and one process.")
+
+
 def check_resume_settings(directory: Path, cfg: RecipeConfig,
                           accelerator: Any) -> dict[str, dict[str, Any]]:
     """Compare this run's settings with those ``directory`` was saved with, before anything is
@@ -242,6 +263,7 @@ def check_resume_settings(directory: Path, cfg: RecipeConfig,
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path} is unreadable: expected an object with 'settings'")
     changes = settings_changes(saved, now)
+    _refuse_engine_change(directory, changes)
     if changes and not cfg.allow_config_change:
         raise CheckpointError(
             f"resume_from: {directory} was saved with other settings than this run's:\n"

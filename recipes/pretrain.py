@@ -444,6 +444,14 @@ def _restore(run: Run) -> None:
     """Load the checkpoint (every file verified by ``verify_checkpoint``)."""
     run.state = TrainState.load(run.resume)
     run.accelerator.load_state(str(run.resume))
+    if engine_name(run.accelerator) == "fsdp":  # accelerate's template load drops some entries
+        restored = distributed.restore_dropped_state(run.resume / "optimizer_0", run.model,
+                                                     run.optimizer)
+        if restored:
+            run.accelerator.print(f"[pretrain] restored {len(restored)} optimizer state "
+                                  "entries accelerate's FSDP2 load left out: "
+                                  + ", ".join(restored[:3]) + (" ..." if len(restored) > 3
+                                                                else ""))
     restore_parts(run.parts, run.scheduler, run.accelerator)
     if run.refresh is not None and run.parts.refresh is not None:
         run.refresh.load_state_dict(run.parts.refresh)

@@ -2,6 +2,8 @@
 
 One module per concern:
 
+* :mod:`~lowrank_optim.distributed.checkpoint` -- checkpoints that resume on another number of
+  processes (FSDP2 <-> one process, DDP any): :func:`save_checkpoint`, :func:`load_checkpoint`.
 * :mod:`~lowrank_optim.distributed.ddp` -- replicated training (DDP, DeepSpeed ZeRO stage 0):
   :func:`check_in_sync`, :func:`broadcast_refreshes` (a refresh computed on one rank and sent).
 * :mod:`~lowrank_optim.distributed.layout` -- what each engine hands the optimizer, checked
@@ -16,6 +18,13 @@ This package reads the optimizer's rule and projector through their declared cap
 never imports :mod:`lowrank_optim.optim`.
 """
 
+from lowrank_optim.distributed.checkpoint import (
+    check_reshardable,
+    load_checkpoint,
+    read_manifest,
+    restore_dropped_state,
+    save_checkpoint,
+)
 from lowrank_optim.distributed.ddp import (
     BroadcastRefresh,
     broadcast_refreshes,
@@ -56,6 +65,7 @@ __all__ = [
     "broadcast_refreshes",
     "check_group_layout",
     "check_in_sync",
+    "check_reshardable",
     "check_model_not_partitioned",
     "check_zero1",
     "check_zero_stage",
@@ -64,9 +74,13 @@ __all__ = [
     "is_distributed",
     "is_dtensor",
     "layout_fingerprint",
+    "load_checkpoint",
     "local_optimizer",
     "local_tensor",
     "partition_by_size",
+    "read_manifest",
+    "restore_dropped_state",
+    "save_checkpoint",
     "sharded_step",
     "sharding_problem",
     "zero1",
