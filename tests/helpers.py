@@ -96,11 +96,13 @@ def stable_grads(n: int, seed: int = 0, noise: float = 1e-3):
     return lambda t: [b + noise * torch.randn(16, 16, generator=g) for b in bases]
 
 
-def replay_recorded_steps(model, opt, record: dict, label: str = "", atol: float = 2e-6) -> None:
+def replay_recorded_steps(model, opt, record: dict, label: str = "",
+                          atol: float = 2e-6) -> float:
     """Step ``opt`` on ``model`` (one process) with the full gradients a distributed run
     recorded (``record["grads"]``, one dict per step) and check the parameters against the
-    ones it recorded after each step (``record["params"]``)."""
+    ones it recorded after each step (``record["params"]``); the largest difference seen."""
     named = dict(model.named_parameters())
+    worst = 0.0
     for step, (grads, expected) in enumerate(zip(record["grads"], record["params"], strict=True)):
         for n, p in named.items():
             p.grad = grads[n].clone()
@@ -108,6 +110,8 @@ def replay_recorded_steps(model, opt, record: dict, label: str = "", atol: float
         for n, p in named.items():
             torch.testing.assert_close(p.detach(), expected[n], rtol=0, atol=atol,
                                        msg=f"{label}, step {step}, {n}")
+            worst = max(worst, (p.detach() - expected[n]).abs().max().item())
+    return worst
 
 
 def both(fn, *args, **kwargs):

@@ -43,11 +43,11 @@ from lowrank_optim.distributed import checkpoint as ck
 from tests.helpers import (
     init_gloo,
     lm_loss,
-    replay_recorded_steps,
     spawn_two,
     tiny_llama,
     token_batches,
 )
+from tests.helpers import replay_recorded_steps as replay
 
 OPTIMIZERS = {"galore_adamw": dict(rank=8, update_proj_gap=2, lr=1e-2),
               "dct_adamw": dict(rank=8, lr=1e-2)}
@@ -133,23 +133,7 @@ def _single_runs(tmp_path, prefix: str) -> dict:
     return runs
 
 
-def _continue(model, opt, record: dict, atol: float, label: str) -> float:
-    """Replay ``record``'s gradients on ``model``/``opt`` and compare each step; the largest
-    difference seen."""
-    named = dict(model.named_parameters())
-    worst = 0.0
-    for grads, expected in zip(record["grads"], record["params"], strict=True):
-        for n, p in named.items():
-            p.grad = grads[n].clone()
-        opt.step()
-        worst = max(worst, max((named[n].detach() - expected[n]).abs().max().item()
-                               for n in named))
-    if worst > atol:
-        raise AssertionError(f"{label}: continued training differs by {worst:.3g} > {atol}")
-    return worst
-
-
-def _run_rank(cases, rank: int, world: int, port: int, out: str) -> None:
+def _run_rank(rank: int, world: int, port: int, out: str, cases) -> None:
     """``cases(rank, out)`` in the gloo group; its models, DDP wrappers and optimizers are
     freed before the group is destroyed (a DDP reducer or ZeRO buffer destroyed after it
     hangs or aborts the process at exit now and then)."""
@@ -163,10 +147,6 @@ def _run_rank(cases, rank: int, world: int, port: int, out: str) -> None:
 
 
 # -- FSDP2 2 -> 1 and 1 -> 2 ------------------------------------------------------------------
-def _fsdp_worker(rank, world, port, out):
-    _run_rank(_fsdp_cases, rank, world, port, out)
-
-
 def _fsdp_cases(rank, out):
     results = {}
     for name, kwargs in OPTIMIZERS.items():
@@ -247,7 +227,7 @@ def _accelerate_template_load(rank, out) -> dict:
 def test_fsdp2_checkpoint_resumes_on_one_process_and_one_process_checkpoint_on_two(tmp_path):
     start = time.perf_counter()
     single = _single_runs(tmp_path, "fsdp")
-    spawn_two(_fsdp_worker, tmp_path)
+    spawn_two(_run_rank, tmp_path, _fsdp_cases)
     res = torch.load(tmp_path / "fsdp.pt", weights_only=True)
     worst = {}
     for name, kwargs in OPTIMIZERS.items():
@@ -260,7 +240,7 @@ def test_fsdp2_checkpoint_resumes_on_one_process_and_one_process_checkpoint_on_t
         assert manifest["world_size"] == 2 and manifest["sharded"], manifest
         assert mismatches(full_state(model, opt), rec["saved"]) == [], name
         assert mismatches(full_params(model), rec["first"]["params"][-1]) == [], name
-        worst[f"2to1-{name}"] = _continue(model, opt, rec["rest"], FSDP2_ATOL, f"2->1 {name}")
+        worst[f"2to1-{name}"] = replay(model, opt, rec["rest"], f"2->1 {name}", atol=FSDP2_ATOL)
         # 1 -> 2: the shards loaded the one-process state; the uninterrupted one-process run
         # continued on the sharded run's gradients equals it
         rec = res[f"1to2-{name}"]
@@ -268,7 +248,7 @@ def test_fsdp2_checkpoint_resumes_on_one_process_and_one_process_checkpoint_on_t
         assert rec["world"] == 1
         assert mismatches(rec["loaded"], saved_state) == [], name
         assert mismatches(rec["params"], saved_params) == [], name
-        worst[f"1to2-{name}"] = _continue(model, opt, rec["rest"], FSDP2_ATOL, f"1->2 {name}")
+        worst[f"1to2-{name}"] = replay(model, opt, rec["rest"], f"1->2 {name}", atol=FSDP2_ATOL)
     acc = res["accelerate"]
     assert acc["dropped"] and all(k.endswith(".refresh_requested") for k in acc["dropped"])
     assert acc["restored"] == acc["dropped"] and acc["mismatches"] == []
@@ -278,10 +258,6 @@ def test_fsdp2_checkpoint_resumes_on_one_process_and_one_process_checkpoint_on_t
 
 
 # -- DDP 2 -> 1 and 1 -> 2, ZeRO-1, plain torch.save --------------------------------------------
-def _ddp_worker(rank, world, port, out):
-    _run_rank(_ddp_cases, rank, world, port, out)
-
-
 def _ddp_cases(rank, out):
     from torch.nn.parallel import DistributedDataParallel
 
@@ -341,7 +317,7 @@ def test_ddp_and_zero1_checkpoints_resume_exactly_on_another_number_of_processes
     _train(zero_model, zero_opt, None, _batches()[:CUT])
     torch.save({"model": zero_model.state_dict(), "opt": zero_opt.state_dict()},
                tmp_path / "zero1-single.pt")
-    spawn_two(_ddp_worker, tmp_path)
+    spawn_two(_run_rank, tmp_path, _ddp_cases)
     res = torch.load(tmp_path / "ddp.pt", weights_only=True)
     for name, kwargs in OPTIMIZERS.items():
         rec = res[f"2to1-{name}"]
@@ -350,7 +326,7 @@ def test_ddp_and_zero1_checkpoints_resume_exactly_on_another_number_of_processes
         assert ck.load_checkpoint(tmp_path / f"ddp-{name}", model, opt)["world_size"] == 2
         assert mismatches(full_state(model, opt), rec["saved"]) == [], name
         assert mismatches(full_params(model), rec["first"]["params"][-1]) == [], name
-        _continue(model, opt, rec["rest"], 0.0, f"DDP 2->1 {name}")  # exact
+        replay(model, opt, rec["rest"], f"DDP 2->1 {name}", atol=0.0)  # exact
         # rank 0's plain torch.save of a DDP run resumes on one process just as well
         plain = torch.load(tmp_path / f"ddp-plain-{name}.pt", weights_only=True)
         model = tiny_llama(seed=99)
@@ -358,12 +334,12 @@ def test_ddp_and_zero1_checkpoints_resume_exactly_on_another_number_of_processes
         opt = lo.create_optimizer(model, name, **kwargs)
         opt.load_state_dict(plain["opt"])
         assert mismatches(full_state(model, opt), rec["saved"]) == [], name
-        _continue(model, opt, rec["rest"], 0.0, f"DDP 2->1 torch.save {name}")
+        replay(model, opt, rec["rest"], f"DDP 2->1 torch.save {name}", atol=0.0)
         rec = res[f"1to2-{name}"]
         model, opt, saved_state, saved_params = single[name]
         assert mismatches(rec["loaded"], saved_state) == [], name
         assert mismatches(rec["params"], saved_params) == [], name
-        _continue(model, opt, rec["rest"], 0.0, f"DDP 1->2 {name}")  # exact
+        replay(model, opt, rec["rest"], f"DDP 1->2 {name}", atol=0.0)  # exact
     # ZeRO-1 on 2 ranks -> one process (plain optimizer), and one process -> ZeRO-1 on 2
     saved = torch.load(tmp_path / "zero1-2.pt", weights_only=True)
     model = tiny_llama(seed=99)
@@ -372,10 +348,10 @@ def test_ddp_and_zero1_checkpoints_resume_exactly_on_another_number_of_processes
     opt.load_state_dict(saved["opt"])
     rec = res["zero1-2to1"]
     assert mismatches(full_params(model), rec["first"]["params"][-1]) == []
-    _continue(model, opt, rec["rest"], 0.0, "ZeRO-1 2->1")
+    replay(model, opt, rec["rest"], "ZeRO-1 2->1", atol=0.0)
     rec = res["zero1-1to2"]
     assert mismatches(rec["params"], full_params(zero_model)) == []
-    _continue(zero_model, zero_opt, rec["rest"], 0.0, "ZeRO-1 1->2")
+    replay(zero_model, zero_opt, rec["rest"], "ZeRO-1 1->2", atol=0.0)
     assert "consolidate_state_dict(to=0)" in res["zero1_error"]
     print(f"DDP / ZeRO-1: exact, {time.perf_counter() - start:.1f} s")
 
@@ -401,12 +377,12 @@ def test_wrong_loads_are_detected_or_refused(tmp_path):
     assert mismatches(full_state(model, opt), saved)
     later = {"grads": record["grads"][CUT:], "params": record["params"][CUT:]}
     with pytest.raises(AssertionError):
-        replay_recorded_steps(model, opt, later, "perturbed", atol=FSDP2_ATOL)
+        replay(model, opt, later, "perturbed", atol=FSDP2_ATOL)
     model = tiny_llama(seed=99)
     opt = lo.create_optimizer(model, name, **kwargs)
     ck.load_checkpoint(tmp_path / "ckpt", model, opt)
     assert mismatches(full_state(model, opt), saved) == []
-    _continue(model, opt, later, 0.0, "one process")
+    replay(model, opt, later, "one process", atol=0.0)
     # an entry the initialising step does not create (a pending refresh request) is loaded
     cut.request_refresh()
     ck.save_checkpoint(tmp_path / "requested", cut_model, cut)
