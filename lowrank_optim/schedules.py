@@ -51,6 +51,7 @@ from typing import Any
 from lowrank_optim.layerwise import LayerwiseOptimizer
 from lowrank_optim.optim.base import LowRankOptimizer
 from lowrank_optim.validation import check_bool, check_int_at_least, check_real, did_you_mean
+from lowrank_optim.wrappers import innermost_optimizer, wrapper_chain
 
 __all__ = [
     "SCHEDULES",
@@ -80,31 +81,14 @@ def _check_factor(factor: float) -> None:
 
 
 # -- finding the optimizer behind wrappers ----------------------------------------------------
-def _chain(optimizer: Any) -> list[Any]:
-    """``optimizer`` and what it wraps (accelerate's ``AcceleratedOptimizer.optimizer``,
-    :class:`LayerwiseOptimizer.optimizer`), outermost first."""
-    out, seen = [], set()
-    while optimizer is not None and id(optimizer) not in seen:
-        out.append(optimizer)
-        seen.add(id(optimizer))
-        optimizer = getattr(optimizer, "optimizer", None)
-    return out
-
-
-def innermost_optimizer(optimizer: Any) -> Any:
-    """The optimizer holding the state, behind any wrappers (``None`` stays ``None``)."""
-    chain = _chain(optimizer)
-    return chain[-1] if chain else None
-
-
 def lowrank_optimizer(optimizer: Any) -> LowRankOptimizer | None:
     """The :class:`LowRankOptimizer` behind ``optimizer``'s wrappers, or ``None``."""
-    return next((o for o in _chain(optimizer) if isinstance(o, LowRankOptimizer)), None)
+    return next((o for o in wrapper_chain(optimizer) if isinstance(o, LowRankOptimizer)), None)
 
 
 def layerwise_optimizer(optimizer: Any) -> LayerwiseOptimizer | None:
     """The :class:`LayerwiseOptimizer` behind ``optimizer``'s wrappers, or ``None``."""
-    return next((o for o in _chain(optimizer) if isinstance(o, LayerwiseOptimizer)), None)
+    return next((o for o in wrapper_chain(optimizer) if isinstance(o, LayerwiseOptimizer)), None)
 
 
 # -- schedules --------------------------------------------------------------------------------

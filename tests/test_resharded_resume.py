@@ -420,6 +420,64 @@ def test_wrong_loads_are_detected_or_refused(tmp_path):
     assert not fresh.state and mismatches(full_params(fresh_model), full_params(model)) == []
 
 
+ACCELERATE_SAVE = r"""
+import sys, torch
+import lowrank_optim as lo
+from accelerate import Accelerator
+from tests.helpers import lm_loss, tiny_llama, token_batches
+
+out, kwargs = sys.argv[1], dict(rank=8, update_proj_gap=2, lr=1e-2)
+accelerator = Accelerator(cpu=True)
+model = tiny_llama()
+opt = lo.create_optimizer(model, "galore_adamw", **kwargs)
+model, prepared = accelerator.prepare(model, opt)
+for ids in token_batches(2, batch=2, seq=32, seed=1):
+    prepared.zero_grad()
+    accelerator.backward(lm_loss(model, ids))
+    prepared.step()
+print(type(prepared).__name__)
+lo.distributed.save_checkpoint(out + "/ckpt", model, prepared)
+torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, out + "/plain.pt")
+"""
+
+
+def test_state_behind_wrappers_is_the_wrapped_optimizers(tmp_path):
+    """accelerate's ``AcceleratedOptimizer`` and ``LayerwiseOptimizer`` are
+    ``torch.optim.Optimizer`` subclasses themselves: saved through them, the checkpoint holds
+    the wrapped optimizer's class, structure and state, and loads into the plain optimizer (and
+    back through a wrapper)."""
+    import subprocess
+
+    from lowrank_optim.layerwise import LayerwiseOptimizer
+    from tests.test_recipe_launch import ROOT, python_path
+
+    name, kwargs = "galore_adamw", OPTIMIZERS["galore_adamw"]
+    proc = subprocess.run([sys.executable, "-c", ACCELERATE_SAVE, str(tmp_path)], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": python_path(),
+                               "OMP_NUM_THREADS": "1"},
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "AcceleratedOptimizer" in proc.stdout
+    assert ck.read_manifest(tmp_path / "ckpt")["optimizer"] == "GaLoreAdamW"
+    plain = torch.load(tmp_path / "plain.pt", weights_only=True)
+    ref_model = tiny_llama(seed=99)
+    ref_model.load_state_dict(plain["model"])
+    ref = lo.create_optimizer(ref_model, name, **kwargs)
+    ref.load_state_dict(plain["opt"])
+    model = tiny_llama(seed=99)
+    opt = lo.create_optimizer(model, name, **kwargs)
+    ck.load_checkpoint(tmp_path / "ckpt", model, opt)
+    assert mismatches(full_state(model, opt), full_state(ref_model, ref)) == []
+    assert mismatches(full_params(model), full_params(ref_model)) == []
+    # through a LayerwiseOptimizer, both ways
+    ck.save_checkpoint(tmp_path / "layerwise", model, LayerwiseOptimizer(opt))
+    assert ck.read_manifest(tmp_path / "layerwise")["structure"] is not None
+    model = tiny_llama(seed=99)
+    opt = lo.create_optimizer(model, name, **kwargs)
+    ck.load_checkpoint(tmp_path / "layerwise", model, LayerwiseOptimizer(opt))
+    assert mismatches(full_state(model, opt), full_state(ref_model, ref)) == []
+
+
 # -- the recipe: a world-size change is a setting change; an engine change of FSDP2 is refused
 class _Accelerator:
     def __init__(self, kind: str, processes: int) -> None:

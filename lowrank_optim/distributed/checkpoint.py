@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from lowrank_optim.distributed.tensors import digest, is_distributed, is_dtensor
+from lowrank_optim.wrappers import innermost_optimizer
 
 __all__ = ["MANIFEST", "check_reshardable", "load_checkpoint", "read_manifest",
            "restore_dropped_state", "save_checkpoint"]
@@ -76,10 +77,10 @@ def _quiet_single_process() -> Iterator[None]:
 
 # -- checks -----------------------------------------------------------------------------------
 def _unwrap(optimizer: Any) -> torch.optim.Optimizer:
-    """``optimizer`` without accelerate's ``AcceleratedOptimizer`` wrapper."""
-    inner = optimizer
-    while not isinstance(inner, torch.optim.Optimizer) and hasattr(inner, "optimizer"):
-        inner = inner.optimizer
+    """The optimizer holding the state, behind accelerate's ``AcceleratedOptimizer`` or a
+    :class:`~lowrank_optim.layerwise.LayerwiseOptimizer` (both ``torch.optim.Optimizer``
+    subclasses themselves: their class name and structure are not the state's)."""
+    inner = innermost_optimizer(optimizer)
     if not isinstance(inner, torch.optim.Optimizer):
         raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
     return inner
