@@ -53,7 +53,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lowrank_optim.distributed.tensors import digest, is_distributed, is_dtensor
+from lowrank_optim.distributed.tensors import digest, is_distributed, is_dtensor, world_size
 from lowrank_optim.wrappers import innermost_optimizer
 
 __all__ = ["MANIFEST", "check_reshardable", "load_checkpoint", "read_manifest",
@@ -137,14 +137,10 @@ def _param_names(model: torch.nn.Module) -> dict[torch.Tensor, str]:
     return {p: next(iter(_get_fqns(model, n))) for n, p in model.named_parameters()}
 
 
-def _world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
-
-
 def _check_replicas(model_sd: dict[str, Any], state: dict[str, dict[str, Any]]) -> None:
     """Every plain (not DTensor) tensor saved equals its copy on every other rank: DCP stores
     only one rank's copy of a replicated tensor."""
-    if _world_size() == 1:
+    if world_size() == 1:
         return
     names, tensors = [], []
     for name, value in model_sd.items():
@@ -157,7 +153,7 @@ def _check_replicas(model_sd: dict[str, Any], state: dict[str, dict[str, Any]]) 
                 names.append(f"optimizer state {key!r} of {fqn}")
                 tensors.append(value)
     mine = [digest([t]) for t in tensors]
-    every: list[list[str] | None] = [None] * _world_size()
+    every: list[list[str] | None] = [None] * world_size()
     dist.all_gather_object(every, (names, mine))
     for rank, (their_names, theirs) in enumerate(every):
         if their_names != names:
@@ -270,7 +266,7 @@ def save_checkpoint(directory: str | os.PathLike, model: torch.nn.Module, optimi
         "format": FORMAT,
         "optimizer": type(opt).__name__,
         "structure": structure,
-        "world_size": _world_size(),
+        "world_size": world_size(),
         "sharded": any(is_dtensor(p) for p in model.parameters()),
         _GROUPS: _json_groups(osd[_GROUPS]),
         "state_keys": {fqn: sorted(entries) for fqn, entries in osd[_STATE].items()},
@@ -322,6 +318,22 @@ def _check_structure(opt: torch.optim.Optimizer, manifest: dict[str, Any],
                          "saved settings.")
 
 
+def _saved_entries(directory: Path) -> dict[str, Any]:
+    """The checkpoint's entries (key -> DCP storage metadata), its ``.metadata`` checked by
+    :func:`lowrank_optim.safe_load.check_dcp_directory` before torch unpickles it."""
+    import torch.distributed.checkpoint as dcp
+
+    from lowrank_optim import safe_load
+
+    safe_load.check_dcp_directory(directory)
+    return dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+
+
+def _fits(value: torch.Tensor, info: Any) -> bool:
+    """``value`` has the global shape and dtype of the saved entry ``info``."""
+    return tuple(value.shape) == tuple(info.size) and value.dtype == info.properties.dtype
+
+
 def _describe(key: str, info: Any) -> str:
     return f"{key} ({tuple(info.size)}, {info.properties.dtype})"
 
@@ -358,7 +370,7 @@ def _fit_template(template: dict[str, dict[str, Any]], manifest: dict[str, Any],
             value = mine.get(key)
             if value is None:  # not created by the initialising step: allocate it
                 value = _allocate(directory, fqn, key, info, params[fqn])
-            elif tuple(value.shape) != tuple(info.size) or value.dtype != info.properties.dtype:
+            elif not _fits(value, info):
                 raise ValueError(
                     f"{directory}: optimizer state {_describe(key, info)} of {fqn} does not fit "
                     f"this optimizer's ({tuple(value.shape)}, {value.dtype}); build the "
@@ -381,7 +393,7 @@ def _check_loaded(opt: torch.optim.Optimizer, manifest: dict[str, Any], saved: d
                                f"{sorted(by_name[fqn])}, saved {keys}")
         for key in keys:
             info, value = saved[f"{_OPTIM}.{_STATE}.{fqn}.{key}"], by_name[fqn][key]
-            if tuple(value.shape) != tuple(info.size) or value.dtype != info.properties.dtype:
+            if not _fits(value, info):
                 raise RuntimeError(f"loaded optimizer state {key!r} of {fqn} is "
                                    f"({tuple(value.shape)}, {value.dtype}), saved "
                                    f"{_describe(key, info)}")
@@ -421,15 +433,12 @@ def load_checkpoint(directory: str | os.PathLike, model: torch.nn.Module,
         set_state_dict,
     )
 
-    from lowrank_optim import safe_load
-
     directory = Path(directory)
     manifest = read_manifest(directory)
     check_reshardable(optimizer)
     opt = _unwrap(optimizer)
     _check_structure(opt, manifest, directory)
-    safe_load.check_dcp_directory(directory)
-    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    saved = _saved_entries(directory)
     names = _param_names(model)
     params = {n: p for p, n in names.items()}
     with torch.random.fork_rng(devices=[]):  # the initialising step draws nothing, but be sure
@@ -491,11 +500,8 @@ def restore_dropped_state(directory: str | os.PathLike, model: torch.nn.Module, 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from lowrank_optim import safe_load
-
     directory = Path(directory)
-    safe_load.check_dcp_directory(directory)
-    saved = dcp.FileSystemReader(str(directory)).read_metadata().state_dict_metadata
+    saved = _saved_entries(directory)
     opt = _unwrap(optimizer)
     names = _param_names(model)
     params = {n: p for p, n in names.items()}

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from lowrank_optim.distributed.tensors import is_dtensor, local_tensor
+from lowrank_optim.distributed.tensors import is_dtensor, local_tensor, world_size
 
 #: ``on_bucket(params, reduced_grads)``: called inside backward once a bucket is reduced
 BucketStep = Callable[[Sequence[torch.Tensor], Sequence[torch.Tensor]], None]
@@ -42,7 +42,7 @@ def is_ddp(module: Any) -> bool:
 
 def multi_process() -> bool:
     """An initialised process group of more than one rank."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return world_size() > 1
 
 
 def ddp_managed(ddp: Any) -> set[torch.Tensor]:

@@ -16,7 +16,7 @@ except ImportError:  # pragma: no cover - torch built without distributed
     Shard = None
 
 __all__ = ["DTensor", "Shard", "broadcast_", "digest", "is_distributed", "is_dtensor",
-           "local_tensor"]
+           "local_tensor", "world_size"]
 
 
 def is_dtensor(tensor: Any) -> bool:
@@ -32,6 +32,11 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def is_distributed() -> bool:
     """Whether a default process group is up."""
     return dist.is_available() and dist.is_initialized()
+
+
+def world_size() -> int:
+    """The default process group's size; 1 without one."""
+    return dist.get_world_size() if is_distributed() else 1
 
 
 def digest(tensors: Iterable[torch.Tensor]) -> str:
